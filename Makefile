@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh machine: `make setup` then `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: setup test train bench-bptt clean
+
+setup:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  echo "WARNING: could not install dataset-fashion-mnist (need root: sudo apt-get install dataset-fashion-mnist)"; fi
+
+test:
+	$(BIN)/python -m pytest -q
+
+train:
+	$(BIN)/locosnn train --rule bptt --dataset fashion-mnist --arch 784-500-500-10 --epochs 10 --out runs/bptt-fmnist
+
+bench-bptt:
+	$(BIN)/python benchmarks/run_bptt.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,243 @@
+"""A feed-forward spiking network of any depth, built from a short spec.
+
+``SpikingNetwork.run(x_seq, noise=..., record=...)`` returns a :class:`Trace`
+with the readout and, per layer and time step, what learning rules need:
+presynaptic input, synaptic current, membrane and spikes. Runs under
+``torch.no_grad`` unless ``grad=True`` (BPTT).
+
+Architecture spec: tokens joined by '-'.
+  * first token: input shape, ``784`` or ``1x28x28`` (C x H x W);
+  * ``500`` a fully connected layer of 500 neurons, ``500x10`` ten of them;
+  * ``c16k5`` a conv layer, 16 channels, kernel 5 (options ``s2`` stride,
+    ``p2`` padding, e.g. ``c32k3s2p1``); conv layers come before fc layers and
+    the input is flattened at the first fc layer;
+  * the last token is the output layer (fc).
+Examples: ``784-500-500-10``, ``784-500x10-10``, ``1x28x28-c16k5s2-c32k3s2-10``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import LocosnnError
+from .layers import SpikingConv2d, SpikingLinear
+from .neurons import NeuronConfig, leaky_integrator_step, lif_step, rate_proxy
+
+READOUTS = ("membrane", "rate")
+NOISE_SITES = ("current", "output")
+NOISE_DISTS = ("gaussian", "rademacher", "uniform")
+
+_CONV = re.compile(r"^c(\d+)k(\d+)(?:s(\d+))?(?:p(\d+))?$")
+
+
+@dataclass
+class LayerSpec:
+    kind: str  # "linear" or "conv"
+    out: int
+    kernel: int = 0
+    stride: int = 1
+    padding: int = 0
+
+
+def parse_arch(spec: str) -> tuple[tuple[int, ...], list[LayerSpec]]:
+    """Parse an architecture spec into (input shape, layer specs). Raises LocosnnError on bad specs."""
+    tokens = [t.strip() for t in str(spec).split("-") if t.strip()]
+    if len(tokens) < 2:
+        raise LocosnnError(f"bad architecture spec {spec!r}: need at least input and output, e.g. 784-500-10")
+    try:
+        in_shape = tuple(int(p) for p in tokens[0].split("x"))
+    except ValueError:
+        raise LocosnnError(f"bad architecture spec {spec!r}: input {tokens[0]!r} must be like 784 or 1x28x28") from None
+    if len(in_shape) not in (1, 3) or min(in_shape) < 1:
+        raise LocosnnError(f"bad architecture spec {spec!r}: input must be N or CxHxW")
+    layers: list[LayerSpec] = []
+    for tok in tokens[1:]:
+        m = _CONV.match(tok)
+        if m:
+            if any(layer.kind == "linear" for layer in layers):
+                raise LocosnnError(f"bad architecture spec {spec!r}: conv layer {tok!r} after a fc layer")
+            if len(in_shape) != 3:
+                raise LocosnnError(f"bad architecture spec {spec!r}: conv layers need a CxHxW input")
+            c, k, s, p = (int(g) if g else None for g in m.groups())
+            layers.append(LayerSpec("conv", c, k, s or 1, p or 0))
+            continue
+        m = re.match(r"^(\d+)(?:x(\d+))?$", tok)
+        if not m:
+            raise LocosnnError(f"bad architecture spec {spec!r}: cannot read layer {tok!r} (use 500, 500x10 or c16k5s2)")
+        n, rep = int(m.group(1)), int(m.group(2) or 1)
+        if n < 1 or rep < 1:
+            raise LocosnnError(f"bad architecture spec {spec!r}: layer sizes must be positive")
+        layers += [LayerSpec("linear", n) for _ in range(rep)]
+    if layers[-1].kind != "linear":
+        raise LocosnnError(f"bad architecture spec {spec!r}: the output layer must be fully connected")
+    return in_shape, layers
+
+
+@dataclass
+class Noise:
+    """Noise injected into hidden (and optionally output) layers, drawn from a seeded generator.
+
+    site: "current" adds xi to the synaptic current I_l[t] (fresh every step);
+          "output" adds xi to the layer's output (spikes or rate) before it feeds the next layer.
+    dist: "gaussian" N(0, sigma^2), "rademacher" +-sigma, "uniform" U(-sqrt3 sigma, sqrt3 sigma).
+    layers: indices of the perturbed layers (None = all, output included).
+    """
+
+    sigma: float
+    site: str = "current"
+    dist: str = "gaussian"
+    generator: Optional[torch.Generator] = None
+    layers: Optional[list[int]] = None
+
+    def __post_init__(self) -> None:
+        if self.site not in NOISE_SITES:
+            raise LocosnnError(f"unknown noise site {self.site!r}; choose one of {', '.join(NOISE_SITES)}")
+        if self.dist not in NOISE_DISTS:
+            raise LocosnnError(f"unknown noise distribution {self.dist!r}; choose one of {', '.join(NOISE_DISTS)}")
+
+    def draw(self, like: torch.Tensor) -> torch.Tensor:
+        g = self.generator
+        if self.dist == "gaussian":
+            z = torch.randn(like.shape, generator=g, dtype=like.dtype, device=like.device)
+        elif self.dist == "rademacher":
+            z = torch.randint(0, 2, like.shape, generator=g, device=like.device).to(like.dtype) * 2 - 1
+        else:
+            z = (torch.rand(like.shape, generator=g, dtype=like.dtype, device=like.device) * 2 - 1) * math.sqrt(3.0)
+        return self.sigma * z
+
+    def applies_to(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+@dataclass
+class Trace:
+    """What one forward pass produced.
+
+    out: readout (B, n_out). Per layer l (lists indexed [l][t]) when recorded:
+    inputs x_{l-1}[t], currents I_l[t] (noise included), membranes v_l[t],
+    outputs s_l[t] (spikes, rates, or the readout membrane), noise xi_l[t].
+    """
+
+    out: torch.Tensor
+    inputs: list[list[torch.Tensor]] = field(default_factory=list)
+    currents: list[list[torch.Tensor]] = field(default_factory=list)
+    membranes: list[list[torch.Tensor]] = field(default_factory=list)
+    outputs: list[list[torch.Tensor]] = field(default_factory=list)
+    noise: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def spike_counts(self) -> list[float]:
+        """Total output events per hidden layer (for liveness checks)."""
+        return [float(sum(o.sum() for o in outs)) for outs in self.outputs[:-1]]
+
+
+class SpikingNetwork(nn.Module):
+    """Feed-forward SNN: spiking hidden layers and a readout output layer.
+
+    readout: "membrane" (the output layer is a non-spiking leaky integrator and the
+    readout is its time-averaged membrane) or "rate" (the output layer spikes and
+    the readout is its firing rate per step).
+    """
+
+    def __init__(self, arch: str, neuron: NeuronConfig | None = None, readout: str = "membrane",
+                 out_beta: float | None = None) -> None:
+        super().__init__()
+        if readout not in READOUTS:
+            raise LocosnnError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
+        self.arch = arch
+        self.neuron = neuron or NeuronConfig()
+        self.readout = readout
+        self.out_beta = self.neuron.beta if out_beta is None else out_beta
+        self.in_shape, specs = parse_arch(arch)
+        layers: list[nn.Module] = []
+        shape: tuple[int, ...] = self.in_shape
+        for spec in specs:
+            if spec.kind == "conv":
+                c, h, w = shape
+                layers.append(SpikingConv2d(c, spec.out, spec.kernel, stride=spec.stride, padding=spec.padding))
+                h = (h + 2 * spec.padding - spec.kernel) // spec.stride + 1
+                w = (w + 2 * spec.padding - spec.kernel) // spec.stride + 1
+                if h < 1 or w < 1:
+                    raise LocosnnError(f"bad architecture spec {arch!r}: conv layer shrinks the image to nothing")
+                shape = (spec.out, h, w)
+            else:
+                layers.append(SpikingLinear(math.prod(shape), spec.out))
+                shape = (spec.out,)
+        self.layers = nn.ModuleList(layers)
+        self.n_out = shape[0]
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    def check_input(self, x_seq: torch.Tensor) -> None:
+        want = self.in_shape
+        got = tuple(x_seq.shape[2:])
+        flat_ok = len(want) == 1 and math.prod(got) == want[0]
+        if x_seq.dim() < 3 or not (got == want or flat_ok):
+            raise LocosnnError(
+                f"input shape mismatch: network {self.arch!r} expects (T, B, {'x'.join(map(str, want))}), "
+                f"got {tuple(x_seq.shape)}")
+
+    def run(self, x_seq: torch.Tensor, noise: Noise | None = None, record: bool = False,
+            grad: bool = False) -> Trace:
+        """Run T steps on x_seq (T, B, *in_shape)."""
+        self.check_input(x_seq)
+        with torch.set_grad_enabled(grad):
+            return self._run(x_seq, noise, record)
+
+    def _run(self, x_seq: torch.Tensor, noise: Noise | None, record: bool) -> Trace:
+        T, B = x_seq.shape[:2]
+        L = self.depth
+        cfg = self.neuron
+        v: list[Optional[torch.Tensor]] = [None] * L
+        s: list[Optional[torch.Tensor]] = [None] * L
+        tr = Trace(out=torch.empty(0))
+        if record:
+            tr.inputs, tr.currents, tr.membranes, tr.outputs, tr.noise = ([[] for _ in range(L)] for _ in range(5))
+        acc = None
+        for t in range(T):
+            x = x_seq[t]
+            if len(self.in_shape) == 1:
+                x = x.reshape(B, -1)
+            for li, layer in enumerate(self.layers):
+                if isinstance(layer, SpikingLinear) and x.dim() > 2:
+                    x = x.reshape(B, -1)
+                cur = layer.current(x)
+                xi = None
+                if noise is not None and noise.applies_to(li):
+                    xi = noise.draw(cur)
+                    if noise.site == "current":
+                        cur = cur + xi
+                last = li == L - 1
+                if last and self.readout == "membrane":
+                    mem = leaky_integrator_step(v[li] if v[li] is not None else torch.zeros_like(cur), cur, self.out_beta)
+                    v[li] = out = mem
+                elif cfg.model == "rate":
+                    mem = cur
+                    out = rate_proxy(cur, cfg.theta)
+                else:
+                    v0 = v[li] if v[li] is not None else torch.zeros_like(cur)
+                    s0 = s[li] if s[li] is not None else torch.zeros_like(cur)
+                    mem, out = lif_step(v0, s0, cur, cfg)
+                    v[li], s[li] = mem, out
+                if xi is not None and noise.site == "output":
+                    out = out + xi
+                if record:
+                    tr.inputs[li].append(x)
+                    tr.currents[li].append(cur)
+                    tr.membranes[li].append(mem)
+                    tr.outputs[li].append(out)
+                    tr.noise[li].append(xi if xi is not None else torch.zeros_like(cur))
+                x = out
+            acc = x if acc is None else acc + x
+        tr.out = acc / T
+        return tr
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """Readout (B, n_out); differentiable (surrogate gradients) when autograd is on."""
+        return self.run(x_seq, grad=torch.is_grad_enabled()).out

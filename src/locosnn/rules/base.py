@@ -1,0 +1,51 @@
+"""The learning-rule interface every rule implements.
+
+A rule reads a trace of the forward pass and writes its update into each
+parameter's ``.grad`` (the descent direction, as autograd would), so that any
+torch optimiser applies it. It never reaches into the trainer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..losses import per_sample_loss
+from ..network import SpikingNetwork
+
+
+class LearningRule:
+    """Base class. Subclasses implement :meth:`step`.
+
+    step(network, x_seq, y) -> report dict with at least ``loss`` (float, mean over
+    the batch, measured on the clean forward pass) and ``out`` (the clean readout,
+    detached) so the trainer can count accuracy without another pass.
+    """
+
+    name = "base"
+    #: sequential update stages after the forward pass(es): 1 for local rules, L for BPTT
+    uses_backprop = False
+
+    def __init__(self, loss: str = "ce", **kwargs: Any) -> None:
+        self.loss = loss
+
+    def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(out, y, self.loss)
+
+    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rule-owned state (feedback matrices, projector memory, RNG) for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    @staticmethod
+    def write_grads(network: SpikingNetwork, grads: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Write per-layer (dW, db) into .grad (replacing any previous value)."""
+        for layer, (gw, gb) in zip(network.layers, grads):
+            layer.weight.grad = gw.reshape(layer.weight.shape).detach().clone()
+            if layer.bias is not None and gb is not None:
+                layer.bias.grad = gb.reshape(layer.bias.shape).detach().clone()

@@ -1,0 +1,182 @@
+"""The rule-agnostic training loop: epochs, evaluation, logging, checkpoints, resume.
+
+Data flows one way: data -> encoding -> rule.step (which runs the network and
+writes .grad) -> optimiser -> metrics. The trainer never asks which rule it runs.
+
+Run directory:
+  config.json     every hyperparameter, seed, git SHA, versions, machine, data checksum
+  metrics.jsonl   one JSON object per epoch (pandas.read_json(path, lines=True))
+  checkpoint.pt   the last good state, written atomically at the end of every epoch
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import Dataset, Split, batches, load_dataset
+from .encoding import encode
+from .errors import LocosnnError, NonFiniteError
+from .losses import per_sample_loss
+from .network import SpikingNetwork
+from .neurons import NeuronConfig
+from .provenance import git_sha, machine, peak_rss_mb, versions
+from .rules import LearningRule, make_rule
+
+
+def build_network(cfg: TrainConfig, seed: int | None = None) -> SpikingNetwork:
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    neuron = NeuronConfig(model=cfg.neuron, beta=cfg.beta, theta=cfg.theta, surrogate=cfg.surrogate, slope=cfg.slope)
+    return SpikingNetwork(cfg.arch, neuron=neuron, readout=cfg.readout)
+
+
+def build_optimizer(cfg: TrainConfig, net: SpikingNetwork) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(net: SpikingNetwork, split: Split, cfg: TrainConfig, batch_size: int = 1000) -> dict[str, float]:
+    """Accuracy and mean loss on a split (encoder noise from a fixed generator, so eval is repeatable)."""
+    g = torch.Generator().manual_seed(10_000 + cfg.seed)
+    correct, total, loss_sum = 0, 0, 0.0
+    for x, y in batches(split, batch_size, shuffle=False):
+        out = net.run(encode(x, cfg.T, cfg.encoder, g)).out
+        loss_sum += float(per_sample_loss(out, y, cfg.loss).sum())
+        correct += int((out.argmax(1) == y).sum())
+        total += len(y)
+    return {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+
+
+def check_finite(net: SpikingNetwork, report: dict[str, Any], epoch: int, step: int) -> None:
+    loss = report.get("loss", 0.0)
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"non-finite loss ({loss}) at epoch {epoch}, step {step}; "
+                             "the last good checkpoint is kept (lower --lr?)")
+    for li, layer in enumerate(net.layers):
+        for pname, p in layer.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteError(f"non-finite update in layer {li} ({pname}) at epoch {epoch}, step {step}; "
+                                     "the last good checkpoint is kept (lower --lr?)")
+
+
+class Trainer:
+    """Train ``cfg.rule`` on ``cfg.dataset``; writes into ``out``. ``resume=True`` continues a run."""
+
+    def __init__(self, cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
+                 progress: bool = True, dataset: Optional[Dataset] = None, rule: Optional[LearningRule] = None,
+                 on_epoch: Optional[Callable[[dict], None]] = None) -> None:
+        self.cfg = cfg.validate()
+        self.out = Path(out) if out else None
+        self.progress = progress
+        self.on_epoch = on_epoch
+        self.data = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
+        self.net = build_network(cfg)
+        want = tuple(self.data.shape)
+        if math.prod(want) != math.prod(self.net.in_shape) or (len(self.net.in_shape) == 3 and want != self.net.in_shape):
+            raise LocosnnError(f"input shape mismatch: dataset {self.data.name!r} has samples of shape "
+                               f"{'x'.join(map(str, want))} but --arch {cfg.arch!r} expects "
+                               f"{'x'.join(map(str, self.net.in_shape))}")
+        if self.net.n_out < self.data.n_classes:
+            raise LocosnnError(f"--arch {cfg.arch!r} has {self.net.n_out} outputs but {self.data.name!r} has "
+                               f"{self.data.n_classes} classes")
+        self.rule = rule or make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
+        self.opt = build_optimizer(cfg, self.net)
+        self.enc_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.epoch = 0
+        self.history: list[dict] = []
+        if self.out is not None:
+            ck = self.out / "checkpoint.pt"
+            if resume and ck.exists():
+                self._load(ck)
+            elif (self.out / "metrics.jsonl").exists() and not resume:
+                raise LocosnnError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+
+    # -- checkpoints ---------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "config": self.cfg.to_dict(), "model": self.net.state_dict(),
+                "optimizer": self.opt.state_dict(), "rule": self.rule.state_dict(),
+                "enc_gen": self.enc_gen.get_state(), "history": self.history}
+
+    def _load(self, path: Path) -> None:
+        st = load_checkpoint(path)
+        old = dict(st["config"])
+        new = self.cfg.to_dict()
+        diff = [k for k in new if k != "epochs" and old.get(k) != new[k]]
+        if diff:
+            raise LocosnnError(f"cannot resume {path.parent}: config differs in {', '.join(diff)}")
+        self.net.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.rule.load_state_dict(st["rule"])
+        self.enc_gen.set_state(st["enc_gen"])
+        self.epoch = st["epoch"]
+        self.history = st["history"]
+
+    def _write_config(self) -> None:
+        assert self.out is not None
+        meta = {"config": self.cfg.to_dict(), "git_sha": git_sha(), "versions": versions(), "machine": machine(),
+                "dataset": self.data.info(), "n_params": sum(p.numel() for p in self.net.parameters())}
+        atomic_write_json(self.out / "config.json", meta)
+
+    # -- the loop -------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.net.train()
+        shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
+        n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
+        it = batches(self.data.train, cfg.batch_size, True, shuffle)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(it, total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{cfg.rule}]", leave=False)
+            it = bar
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step, (x, y) in enumerate(it):
+            x_seq = encode(x, cfg.T, cfg.encoder, self.enc_gen)
+            self.opt.zero_grad(set_to_none=True)
+            report = self.rule.step(self.net, x_seq, y)
+            check_finite(self.net, report, self.epoch + 1, step)
+            self.opt.step()
+            loss_sum += report["loss"] * len(y)
+            seen += len(y)
+            if "out" in report:
+                correct += int((report["out"].argmax(1) == y).sum())
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        if bar is not None:
+            bar.close()
+        return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+    def fit(self) -> list[dict]:
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_config()
+        while self.epoch < self.cfg.epochs:
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"epoch": self.epoch + 1}
+            row.update(self.train_epoch())
+            t_train = time.perf_counter() - t0
+            val = evaluate(self.net, self.data.val, self.cfg) if len(self.data.val) else {"acc": float("nan"), "loss": float("nan")}
+            test = evaluate(self.net, self.data.test, self.cfg)
+            row.update({"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
+                        "test_loss": test["loss"], "epoch_time_s": t_train,
+                        "peak_rss_mb": peak_rss_mb(), "rule": self.cfg.rule, "seed": self.cfg.seed})
+            self.epoch += 1
+            self.history.append(row)
+            if self.out is not None:
+                save_checkpoint(self.out / "checkpoint.pt", self.state())
+                lines = "".join(json.dumps(r) + "\n" for r in self.history)
+                atomic_write_bytes(self.out / "metrics.jsonl", lambda f: f.write(lines.encode()))
+            if self.progress:
+                print(f"epoch {row['epoch']}: loss {row['train_loss']:.4f} train {row['train_acc']:.4f} "
+                      f"val {row['val_acc']:.4f} test {row['test_acc']:.4f} ({t_train:.1f}s)", flush=True)
+            if self.on_epoch:
+                self.on_epoch(row)
+        return self.history
