@@ -49,13 +49,20 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--readout", choices=["membrane", "rate"], help=f"output readout (default {d.readout})")
     p.add_argument("--loss", choices=["ce", "mse"], help=f"loss (default {d.loss})")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    p.add_argument("--val-size", dest="val_size", type=int, help=f"validation samples held out of training (default {d.val_size})")
+    p.add_argument("--val-size", dest="val_size", type=_count_or_fraction,
+                   help="validation samples held out of training: a count, or a fraction < 1 "
+                        "(default 5000 for the 60k-image sets, else 0.1)")
     p.add_argument("--limit", type=int, help="use only the first N train/val/test samples (quick runs)")
     p.add_argument("--rule-arg", dest="rule_arg", action="append", default=[], metavar="KEY=VALUE",
                    help="rule-specific setting, repeatable (value parsed as JSON when possible)")
     p.add_argument("--out", default=None, help="run directory (default runs/<rule>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _count_or_fraction(v: str) -> int | float:
+    f = float(v)
+    return f if f < 1 else int(f)
 
 
 def _parse_value(v: str) -> Any:

@@ -33,7 +33,7 @@ class TrainConfig:
     loss: str = "ce"
     seed: int = 0
     data_dir: str | None = None
-    val_size: int = 5000
+    val_size: int | float | None = None  # None: 5000 for the 60k-image sets, else 10%
     limit: int | None = None
     rule_args: dict[str, Any] = field(default_factory=dict)
 

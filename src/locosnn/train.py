@@ -77,8 +77,10 @@ class Trainer:
         self.out = Path(out) if out else None
         self.progress = progress
         self.on_epoch = on_epoch
-        self.data = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
+        # cheap checks first: a bad rule or spec fails before any data is read
         self.net = build_network(cfg)
+        self.rule = rule or make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
+        self.data = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
         want = tuple(self.data.shape)
         if math.prod(want) != math.prod(self.net.in_shape) or (len(self.net.in_shape) == 3 and want != self.net.in_shape):
             raise LocosnnError(f"input shape mismatch: dataset {self.data.name!r} has samples of shape "
@@ -87,7 +89,6 @@ class Trainer:
         if self.net.n_out < self.data.n_classes:
             raise LocosnnError(f"--arch {cfg.arch!r} has {self.net.n_out} outputs but {self.data.name!r} has "
                                f"{self.data.n_classes} classes")
-        self.rule = rule or make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
         self.opt = build_optimizer(cfg, self.net)
         self.enc_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.epoch = 0

@@ -131,7 +131,7 @@ def _split(x: np.ndarray, y: np.ndarray, n_hold: int, seed: int):
     return (x[keep], y[keep]), (x[hold], y[hold])
 
 
-def load_dataset(name: str, data_dir: str | None = None, val_size: int | float = 5000, seed: int = 0,
+def load_dataset(name: str, data_dir: str | None = None, val_size: int | float | None = None, seed: int = 0,
                  limit: int | None = None) -> Dataset:
     """Load a registered dataset. ``val_size``: count, or fraction of the training set.
     ``limit``: keep only the first ``limit`` training and test samples (after splitting; quick runs)."""
@@ -152,6 +152,8 @@ def load_dataset(name: str, data_dir: str | None = None, val_size: int | float =
         (xtr, ytr), (xte, yte) = _split(x, y, len(y) // 5, seed=12345)  # fixed test split, independent of --seed
     else:
         raise LocosnnError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    if val_size is None:
+        val_size = 5000 if len(ytr) >= 50000 else 0.1
     n_val = int(round(val_size * len(ytr))) if isinstance(val_size, float) and val_size < 1 else int(val_size)
     if not 0 <= n_val < len(ytr):
         raise LocosnnError(f"validation size {n_val} must be smaller than the training set ({len(ytr)})")

@@ -13,7 +13,17 @@ RULES: dict[str, type[LearningRule]] = {"bptt": BPTT}
 def make_rule(name: str, **kwargs: Any) -> LearningRule:
     if name not in RULES:
         raise LocosnnError(f"unknown rule {name!r}; available: {', '.join(sorted(RULES))}")
-    return RULES[name](**kwargs)
+    import inspect
+
+    cls = RULES[name]
+    accepted = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            accepted |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise LocosnnError(f"rule {name!r} has no setting {', '.join(unknown)}; it accepts: {', '.join(sorted(accepted))}")
+    return cls(**kwargs)
 
 
 __all__ = ["LearningRule", "BPTT", "RULES", "make_rule"]

@@ -26,8 +26,9 @@ class LearningRule:
     #: sequential update stages after the forward pass(es): 1 for local rules, L for BPTT
     uses_backprop = False
 
-    def __init__(self, loss: str = "ce", **kwargs: Any) -> None:
+    def __init__(self, loss: str = "ce", seed: int = 0) -> None:
         self.loss = loss
+        self.seed = seed
 
     def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample_loss(out, y, self.loss)
