@@ -93,6 +93,7 @@ class Noise:
     dist: str = "gaussian"
     generator: Optional[torch.Generator] = None
     layers: Optional[list[int]] = None
+    clean_rows: int = 0  # the first clean_rows samples of the batch get no noise (clean + noisy in one pass)
 
     def __post_init__(self) -> None:
         if self.site not in NOISE_SITES:
@@ -108,7 +109,10 @@ class Noise:
             z = torch.randint(0, 2, like.shape, generator=g, device=like.device).to(like.dtype) * 2 - 1
         else:
             z = (torch.rand(like.shape, generator=g, dtype=like.dtype, device=like.device) * 2 - 1) * math.sqrt(3.0)
-        return self.sigma * z
+        z = self.sigma * z
+        if self.clean_rows:
+            z[: self.clean_rows] = 0
+        return z
 
     def applies_to(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers

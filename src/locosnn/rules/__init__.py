@@ -6,8 +6,10 @@ from typing import Any
 from ..errors import LocosnnError
 from .base import LearningRule
 from .bptt import BPTT
+from .loco import LOCO
+from .np import NodePerturbation
 
-RULES: dict[str, type[LearningRule]] = {"bptt": BPTT}
+RULES: dict[str, type[LearningRule]] = {"bptt": BPTT, "np": NodePerturbation, "loco": LOCO}
 
 
 def make_rule(name: str, **kwargs: Any) -> LearningRule:
@@ -26,4 +28,4 @@ def make_rule(name: str, **kwargs: Any) -> LearningRule:
     return cls(**kwargs)
 
 
-__all__ = ["LearningRule", "BPTT", "RULES", "make_rule"]
+__all__ = ["LearningRule", "BPTT", "LOCO", "NodePerturbation", "RULES", "make_rule"]

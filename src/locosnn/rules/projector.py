@@ -1,0 +1,128 @@
+"""LOCO's input-side projector: a low-rank basis of the current inputs, made
+orthogonal to the centroids of earlier input clusters (Ma & Yu 2026; the
+cluster-orthogonal idea is OWM, Zeng et al. 2019).
+
+Everything is kept as a thin orthonormal basis Q (d x r'), and the projection of
+an update G (n x d) is applied as (G Q) Q^T: O(n d r), never a dense d x d matrix.
+P = Q Q^T is symmetric and idempotent by construction.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def low_rank_basis(X: torch.Tensor, r: int) -> torch.Tensor:
+    """Normalised mean of the rows of X plus the top (r - 1) principal directions
+    of X (rows centred), as columns (d x <=r); not yet orthonormalised."""
+    mean = X.mean(0)
+    cols = [mean / (mean.norm() + 1e-12)]
+    if r > 1 and X.shape[0] > 1:
+        Xc = X - mean
+        q = min(r - 1, min(Xc.shape))
+        if q > 0:
+            V, S = principal_directions(Xc, q)
+            keep = S > S[0] * 1e-6 if S.numel() else S.bool()
+            cols.append(V[:, keep])
+    return torch.cat([c if c.dim() == 2 else c[:, None] for c in cols], 1)
+
+
+def principal_directions(Xc: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-q right singular vectors (d x q) and singular values of a centred X (n x d).
+
+    Uses the eigendecomposition of the smaller Gram matrix (n x n if n <= d, else
+    d x d): O(min(n, d)^2 max(n, d)), deterministic, and it avoids LAPACK's
+    divide-and-conquer SVD, which we measured to stall on rank-deficient inputs."""
+    n, d = Xc.shape
+    X64 = Xc.double()
+    if n <= d:
+        evals, U = torch.linalg.eigh(X64 @ X64.T)
+        evals, U = evals.flip(0)[:q].clamp_min(0), U.flip(1)[:, :q]
+        S = evals.sqrt()
+        V = (X64.T @ U) / (S + 1e-30)
+    else:
+        evals, V = torch.linalg.eigh(X64.T @ X64)
+        evals, V = evals.flip(0)[:q].clamp_min(0), V.flip(1)[:, :q]
+        S = evals.sqrt()
+    return V.to(Xc.dtype), S.to(Xc.dtype)
+
+
+def gram_schmidt(vectors: torch.Tensor, against: Optional[torch.Tensor] = None, tol: float = 0.1) -> torch.Tensor:
+    """Orthonormalise the columns of ``vectors`` (each first scaled to unit norm),
+    orthogonal to the orthonormal columns of ``against``; a column whose residual
+    norm falls below ``tol`` is dropped (the authors' drop tolerance 0.1).
+    Two passes of classical GS per vector for numerical stability."""
+    d = vectors.shape[0]
+    basis = against if against is not None else vectors.new_zeros(d, 0)
+    n_fixed = basis.shape[1]
+    Q = basis
+    for j in range(vectors.shape[1]):
+        v = vectors[:, j]
+        v = v / (v.norm() + 1e-12)
+        for _ in range(2):
+            if Q.shape[1]:
+                v = v - Q @ (Q.T @ v)
+        nv = v.norm()
+        if nv < tol:
+            continue
+        Q = torch.cat([Q, (v / nv)[:, None]], 1)
+    return Q[:, n_fixed:]
+
+
+def orthonormal(vectors: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis of the span of the columns (directions below tol dropped)."""
+    return gram_schmidt(vectors, None, tol)
+
+
+def kmeans(X: torch.Tensor, k: int, iters: int = 10, init: Optional[torch.Tensor] = None,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Plain Lloyd k-means on rows of X; returns (k', d) centroids, k' = min(k, len(X))."""
+    n = X.shape[0]
+    k = min(k, n)
+    if init is not None and init.shape == (k, X.shape[1]):
+        C = init.clone()
+    else:
+        C = X[torch.randperm(n, generator=generator)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(X, C).argmin(1)
+        for j in range(k):
+            m = assign == j
+            if m.any():
+                C[j] = X[m].mean(0)
+    return C
+
+
+class ClusterMemory:
+    """A FIFO memory of up to ``size`` normalised input directions and their k-means centroids."""
+
+    def __init__(self, size: int = 1000, k: int = 10, iters: int = 10) -> None:
+        self.size, self.k, self.iters = size, k, iters
+        self.items: Optional[torch.Tensor] = None
+        self.centroids: Optional[torch.Tensor] = None
+
+    def add(self, vecs: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+        vecs = vecs / (vecs.norm(dim=1, keepdim=True) + 1e-12)
+        self.items = vecs if self.items is None else torch.cat([self.items, vecs])[-self.size:]
+        self.centroids = kmeans(self.items, self.k, self.iters, init=self.centroids, generator=generator)
+
+    def state_dict(self) -> dict:
+        return {"items": self.items, "centroids": self.centroids}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.items, self.centroids = s["items"], s["centroids"]
+
+
+def loco_basis(X: torch.Tensor, r: int, excluded: Optional[torch.Tensor], tol: float = 0.1) -> torch.Tensor:
+    """Q (d x r') orthonormal: low-rank basis of X's rows, orthogonal to the rows of
+    ``excluded`` (the protected centroids); r' <= r."""
+    if excluded is not None and excluded.shape[0]:
+        C = orthonormal(excluded.T)
+    else:
+        C = None
+    return gram_schmidt(low_rank_basis(X, r), C, tol)[:, :r]
+
+
+def project(G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """G P with P = Q Q^T, computed as (G Q) Q^T."""
+    return (G @ Q) @ Q.T
