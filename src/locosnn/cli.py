@@ -47,6 +47,9 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--theta", type=float, help=f"firing threshold (default {d.theta})")
     p.add_argument("--surrogate", choices=["fast_sigmoid", "atan"], help=f"surrogate derivative (default {d.surrogate})")
     p.add_argument("--readout", choices=["membrane", "rate"], help=f"output readout (default {d.readout})")
+    p.add_argument("--init", choices=["scaled", "pytorch"],
+                   help=f"weight init: scaled = N(0, gain^2/fan_in), keeps deep LIF stacks firing (default {d.init})")
+    p.add_argument("--init-gain", dest="init_gain", type=float, help=f"gain of the scaled init (default {d.init_gain})")
     p.add_argument("--loss", choices=["ce", "mse"], help=f"loss (default {d.loss})")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--val-size", dest="val_size", type=_count_or_fraction,

@@ -30,6 +30,8 @@ class TrainConfig:
     surrogate: str = "fast_sigmoid"
     slope: float = 5.0
     readout: str = "membrane"
+    init: str = "scaled"
+    init_gain: float = 3.0
     loss: str = "ce"
     seed: int = 0
     data_dir: str | None = None

@@ -13,6 +13,9 @@ Architecture spec: tokens joined by '-'.
     the input is flattened at the first fc layer;
   * the last token is the output layer (fc).
 Examples: ``784-500-500-10``, ``784-500x10-10``, ``1x28x28-c16k5s2-c32k3s2-10``.
+
+Initialisation: ``init="scaled"`` (default; N(0, gain^2/fan_in), gain 3, keeps
+deep LIF stacks firing) or ``init="pytorch"`` (nn.Linear / nn.Conv2d defaults).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .layers import SpikingConv2d, SpikingLinear
 from .neurons import NeuronConfig, leaky_integrator_step, lif_step, rate_proxy
 
 READOUTS = ("membrane", "rate")
+INITS = ("scaled", "pytorch")
 NOISE_SITES = ("current", "output")
 NOISE_DISTS = ("gaussian", "rademacher", "uniform")
 
@@ -148,10 +152,12 @@ class SpikingNetwork(nn.Module):
     """
 
     def __init__(self, arch: str, neuron: NeuronConfig | None = None, readout: str = "membrane",
-                 out_beta: float | None = None) -> None:
+                 out_beta: float | None = None, init: str = "scaled", init_gain: float = 3.0) -> None:
         super().__init__()
         if readout not in READOUTS:
             raise LocosnnError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
+        if init not in INITS:
+            raise LocosnnError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
         self.arch = arch
         self.neuron = neuron or NeuronConfig()
         self.readout = readout
@@ -173,6 +179,24 @@ class SpikingNetwork(nn.Module):
                 shape = (spec.out,)
         self.layers = nn.ModuleList(layers)
         self.n_out = shape[0]
+        if init == "scaled":
+            self.reset_parameters(init_gain)
+
+    @torch.no_grad()
+    def reset_parameters(self, gain: float = 3.0) -> None:
+        """Weights ~ N(0, gain^2 / fan_in), biases 0.
+
+        PyTorch's default (uniform, std 1/sqrt(3 fan_in)) makes a LIF layer with
+        theta = 1 fed by sparse spikes almost silent, and the silence compounds
+        with depth: at 10 hidden layers of 500 nothing reaches the output and no
+        rule can learn. With gain 3 every layer of ``784-500x10-10`` fires at a
+        rate of about 0.2 on Fashion-MNIST at initialisation (see the README).
+        """
+        for layer in self.layers:
+            fan_in = layer.weight[0].numel()
+            nn.init.normal_(layer.weight, 0.0, gain / math.sqrt(fan_in))
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     @property
     def depth(self) -> int:

@@ -33,7 +33,7 @@ from .rules import LearningRule, make_rule
 def build_network(cfg: TrainConfig, seed: int | None = None) -> SpikingNetwork:
     torch.manual_seed(cfg.seed if seed is None else seed)
     neuron = NeuronConfig(model=cfg.neuron, beta=cfg.beta, theta=cfg.theta, surrogate=cfg.surrogate, slope=cfg.slope)
-    return SpikingNetwork(cfg.arch, neuron=neuron, readout=cfg.readout)
+    return SpikingNetwork(cfg.arch, neuron=neuron, readout=cfg.readout, init=cfg.init, init_gain=cfg.init_gain)
 
 
 def build_optimizer(cfg: TrainConfig, net: SpikingNetwork) -> torch.optim.Optimizer:

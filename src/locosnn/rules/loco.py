@@ -26,11 +26,13 @@ Variants (``variant=``):
 * ``"sample"`` (ours, the default for shuffled data): the memory holds normalised
   *per-sample* inputs (``per_batch`` drawn from each batch, FIFO up to ``memory``),
   so clusters are input modes (classes, tasks) whatever the batch order. A
-  centroid is protected only if fewer than ``min_share`` of the current batch's
-  samples fall in it. On i.i.d. batches every cluster is present, nothing is
-  protected, and LOCO reduces to the low-rank variance reduction; on a task
-  stream, clusters of earlier tasks that the current batch does not visit are
-  protected, which is the OWM intent.
+  centroid is protected only if (a) fewer than ``min_share`` of the current
+  batch's samples fall in it and (b) none of its members was stored in the last
+  ``window`` batches, i.e. it is a mode of *earlier* inputs, not a small mode of
+  the current distribution. On i.i.d. batches every cluster keeps receiving
+  members, nothing is protected, and LOCO reduces to the low-rank variance
+  reduction; on a task stream, clusters of earlier tasks are protected once the
+  stream has moved on for ``window`` batches, which is the OWM intent.
 
 ``projection=False`` returns plain NP (bit-identical under the same seed: the
 projector draws from its own generator).
@@ -55,14 +57,15 @@ class LOCO(NodePerturbation):
     """Node perturbation + per-layer low-rank, cluster-orthogonal input projection.
 
     rank r (110 in the authors' code), k clusters (10), memory size (1000), tol (0.1),
-    variant ("sample" | "faithful"), min_share (sample variant), per_batch (sample variant),
+    variant ("sample" | "faithful"), min_share, per_batch and window (sample variant),
     max_rows (conv patch rows used for the basis), projection (False = plain NP)."""
 
     name = "loco"
 
     def __init__(self, rank: int = 110, k: int = 10, memory: int = 1000, tol: float = 0.1,
                  variant: str = "sample", projection: bool = True, min_share: float = 0.05,
-                 per_batch: int = 16, max_rows: int = 2048, kmeans_iters: int = 5, **kw: Any) -> None:
+                 per_batch: int = 16, max_rows: int = 2048, kmeans_iters: int = 5, window: int = 20,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         if variant not in VARIANTS:
             raise LocosnnError(f"unknown LOCO variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -71,6 +74,7 @@ class LOCO(NodePerturbation):
         self.rank, self.k, self.memory_size, self.tol = rank, k, memory, tol
         self.variant, self.projection, self.min_share = variant, bool(projection), min_share
         self.per_batch, self.max_rows, self.kmeans_iters = per_batch, max_rows, kmeans_iters
+        self.window = window
         self.proj_generator = torch.Generator().manual_seed(10_007 * self.seed + 2)
         self.memories: list[ClusterMemory] = []
         self.last_projector_s = 0.0
@@ -107,7 +111,9 @@ class LOCO(NodePerturbation):
         Cn = C / (C.norm(dim=1, keepdim=True) + 1e-12)
         # a centroid (near-)identical to an occupied one is the batch's own mode, not an earlier one
         near_occupied = (Cn @ Cn[occupied].T).max(1).values > 0.99 if occupied.any() else torch.zeros_like(occupied)
-        return C[~occupied & ~near_occupied]
+        # a cluster still fed by recent batches belongs to the current input distribution
+        recent = mem.recent(self.window)
+        return C[~occupied & ~near_occupied & ~recent]
 
     def projector_basis(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
         X = self.layer_inputs(network, clean, li)

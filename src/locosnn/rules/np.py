@@ -39,7 +39,7 @@ class NodePerturbation(LearningRule):
 
     name = "np"
 
-    def __init__(self, sigma: float = 0.05, site: str = "current", dist: str = "gaussian",
+    def __init__(self, sigma: float = 0.2, site: str = "current", dist: str = "gaussian",
                  concat: bool = True, **kw: Any) -> None:
         super().__init__(**kw)
         if sigma <= 0:
@@ -83,21 +83,20 @@ class NodePerturbation(LearningRule):
         scale = (dl / (self.sigma ** 2 * B))
         grads = []
         for li, layer in enumerate(network.layers):
-            gw = torch.zeros(layer.weight.shape[0], layer.weight[0].numel())
-            gb = torch.zeros(layer.weight.shape[0])
-            for t in range(len(noisy.noise[li])):
-                sig = self.local_signal(network, noisy, li, t)
-                x = noisy.inputs[li][t]
-                if layer.kind == "linear":
-                    e = sig * scale[:, None]
-                    gw += e.T @ x.reshape(B, -1)
-                    gb += e.sum(0)
-                else:
-                    e = (sig * scale.view(B, 1, 1, 1)).flatten(2)  # (B, C_out, P)
-                    cols = torch.nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation,
-                                                      padding=layer.padding, stride=layer.stride)  # (B, d, P)
-                    gw += torch.einsum("bcp,bdp->cd", e, cols)
-                    gb += e.sum((0, 2))
+            T = len(noisy.noise[li])
+            # all time steps in one GEMM: E (T*B, n_out) against X (T*B, d_in)
+            sig = torch.stack([self.local_signal(network, noisy, li, t) for t in range(T)])
+            x = torch.stack(noisy.inputs[li])
+            if layer.kind == "linear":
+                e = (sig * scale.view(1, B, *([1] * (sig.dim() - 2)))).reshape(T * B, -1)
+                gw = e.T @ x.reshape(T * B, -1)
+                gb = e.sum(0)
+            else:
+                e = (sig * scale.view(1, B, 1, 1, 1)).flatten(0, 1).flatten(2)  # (T*B, C_out, P)
+                cols = torch.nn.functional.unfold(x.flatten(0, 1), layer.kernel_size, dilation=layer.dilation,
+                                                  padding=layer.padding, stride=layer.stride)  # (T*B, d, P)
+                gw = torch.einsum("bcp,bdp->cd", e, cols)
+                gb = e.sum((0, 2))
             grads.append((gw, gb))
         return grads
 

@@ -94,23 +94,43 @@ def kmeans(X: torch.Tensor, k: int, iters: int = 10, init: Optional[torch.Tensor
 
 
 class ClusterMemory:
-    """A FIFO memory of up to ``size`` normalised input directions and their k-means centroids."""
+    """A FIFO memory of up to ``size`` normalised input directions, the batch index
+    at which each was stored (``stamps``), and their k-means centroids."""
 
     def __init__(self, size: int = 1000, k: int = 10, iters: int = 10) -> None:
         self.size, self.k, self.iters = size, k, iters
         self.items: Optional[torch.Tensor] = None
+        self.stamps: Optional[torch.Tensor] = None
         self.centroids: Optional[torch.Tensor] = None
+        self.batches = 0
 
     def add(self, vecs: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
         vecs = vecs / (vecs.norm(dim=1, keepdim=True) + 1e-12)
-        self.items = vecs if self.items is None else torch.cat([self.items, vecs])[-self.size:]
+        stamps = torch.full((vecs.shape[0],), self.batches, dtype=torch.long)
+        self.batches += 1
+        if self.items is None:
+            self.items, self.stamps = vecs, stamps
+        else:
+            self.items = torch.cat([self.items, vecs])[-self.size:]
+            self.stamps = torch.cat([self.stamps, stamps])[-self.size:]
         self.centroids = kmeans(self.items, self.k, self.iters, init=self.centroids, generator=generator)
 
+    def recent(self, window: int) -> torch.Tensor:
+        """Per centroid: does it hold an item stored in the last ``window`` batches?"""
+        assign = torch.cdist(self.items, self.centroids).argmin(1)
+        fresh = self.stamps >= self.batches - window
+        hit = torch.zeros(self.centroids.shape[0], dtype=torch.bool)
+        hit[assign[fresh]] = True
+        return hit
+
     def state_dict(self) -> dict:
-        return {"items": self.items, "centroids": self.centroids}
+        return {"items": self.items, "stamps": self.stamps, "centroids": self.centroids, "batches": self.batches}
 
     def load_state_dict(self, s: dict) -> None:
-        self.items, self.centroids = s["items"], s["centroids"]
+        self.items, self.stamps, self.centroids = s["items"], s.get("stamps"), s["centroids"]
+        self.batches = s.get("batches", 0)
+        if self.stamps is None and self.items is not None:
+            self.stamps = torch.zeros(self.items.shape[0], dtype=torch.long)
 
 
 def loco_basis(X: torch.Tensor, r: int, excluded: Optional[torch.Tensor], tol: float = 0.1) -> torch.Tensor:
