@@ -56,6 +56,9 @@ def _train_parser(sub: Any) -> None:
                    help="validation samples held out of training: a count, or a fraction < 1 "
                         "(default 5000 for the 60k-image sets, else 0.1)")
     p.add_argument("--limit", type=int, help="use only the first N train/val/test samples (quick runs)")
+    p.add_argument("--align-every", dest="align_every", type=int,
+                   help="every N steps, log the per-layer cosine and norm ratio of the rule's update to the BPTT "
+                        "gradient on the same batch (align_cos, align_norm_ratio in metrics.jsonl; 0 = off)")
     p.add_argument("--rule-arg", dest="rule_arg", action="append", default=[], metavar="KEY=VALUE",
                    help="rule-specific setting, repeatable (value parsed as JSON when possible)")
     p.add_argument("--out", default=None, help="run directory (default runs/<rule>-<dataset>)")

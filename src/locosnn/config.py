@@ -37,6 +37,7 @@ class TrainConfig:
     data_dir: str | None = None
     val_size: int | float | None = None  # None: 5000 for the 60k-image sets, else 10%
     limit: int | None = None
+    align_every: int = 0  # >0: every N steps log per-layer cosine / norm ratio of the update to BPTT's
     rule_args: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

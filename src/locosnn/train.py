@@ -139,12 +139,23 @@ class Trainer:
             bar = tqdm(it, total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{cfg.rule}]", leave=False)
             it = bar
         loss_sum, correct, seen = 0.0, 0, 0
+        extras: dict[str, list[float]] = {}
+        aligns: list[list[dict]] = []
+        step_time, step = 0.0, -1
         for step, (x, y) in enumerate(it):
             x_seq = encode(x, cfg.T, cfg.encoder, self.enc_gen)
+            if cfg.align_every and step % cfg.align_every == 0:
+                from .diagnostics import alignment
+                aligns.append(alignment(self.rule, self.net, x_seq, y))
+            t_step = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
             report = self.rule.step(self.net, x_seq, y)
             check_finite(self.net, report, self.epoch + 1, step)
             self.opt.step()
+            step_time += time.perf_counter() - t_step
+            for k, v in report.items():
+                if k not in ("loss", "out") and isinstance(v, (int, float)):
+                    extras.setdefault(k, []).append(float(v))
             loss_sum += report["loss"] * len(y)
             seen += len(y)
             if "out" in report:
@@ -153,7 +164,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         if bar is not None:
             bar.close()
-        return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+        res: dict[str, Any] = {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                               "step_time_s": step_time / max(step + 1, 1)}
+        res.update({f"rule_{k}": sum(v) / len(v) for k, v in extras.items()})
+        if aligns:
+            L = len(aligns[0])
+            res["align_cos"] = [sum(a[li]["cos"] for a in aligns) / len(aligns) for li in range(L)]
+            res["align_norm_ratio"] = [sum(a[li]["norm_ratio"] for a in aligns) / len(aligns) for li in range(L)]
+        return res
 
     def fit(self) -> list[dict]:
         if self.out is not None:

@@ -1,0 +1,198 @@
+"""NP and LOCO beside BPTT on Fashion-MNIST: accuracy / learning-rate sweep, depth sweep.
+
+Regenerate (each grid resumable: a finished cell is never rerun):
+    .venv/bin/python benchmarks/run_loco.py accuracy --workers 2
+    .venv/bin/python benchmarks/run_loco.py depth --workers 2
+    .venv/bin/python benchmarks/run_loco.py plot
+
+Budget (identical for every rule, sized for a 2-core CPU; see GRIDS below):
+Fashion-MNIST with --limit 20000 (the first 20,000 training images after the
+5,000-image validation hold-out, the full 10,000-image test set, validation
+5,000), LIF, T = 8, direct encoding, membrane readout, batch 128, Adam, seed 0.
+accuracy: 784-500-500-10, 6 epochs, lr in {3e-4, 1e-3, 3e-3} for every rule.
+depth: width 256, hidden layers {2, 4, 6, 8, 10, 12}, 3 epochs, each rule at
+its best-validation learning rate from the accuracy grid.
+Each cell runs in its own process with one torch thread (two cells at a time on
+two cores), so wall times are comparable across rules, not with 2-thread runs.
+
+Writes benchmarks/loco/<grid>/<cell>/{metrics.jsonl,config.json},
+benchmarks/loco/<grid>/results.csv (one row per cell and epoch) and meta.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent / "loco"
+RUNS = Path("runs/bench-loco")
+LRS = (3e-4, 1e-3, 3e-3)
+RULES = {  # name -> (rule, rule_args)
+    "bptt": ("bptt", {}),
+    "np": ("np", {}),
+    "loco": ("loco", {"variant": "sample"}),
+    "loco-faithful": ("loco", {"variant": "faithful"}),
+}
+BASE = dict(dataset="fashion-mnist", limit=20000, T=8, batch_size=128, seed=0)
+
+
+def accuracy_cells() -> dict[str, dict]:
+    cells = {}
+    for name, (rule, args) in RULES.items():
+        for lr in LRS:
+            cells[f"{name}_lr{lr:g}"] = dict(BASE, rule=rule, rule_args=dict(args), lr=lr, epochs=6,
+                                            arch="784-500-500-10", align_every=20)
+    return cells
+
+
+def best_lr(name: str) -> float:
+    import pandas as pd
+    res = HERE / "accuracy" / "results.csv"
+    if not res.exists():
+        return 1e-3
+    df = pd.read_csv(res)
+    df = df[df.cell.str.startswith(name + "_lr")]
+    if df.empty:
+        return 1e-3
+    return float(df.loc[df.val_acc.idxmax(), "lr"])
+
+
+def depth_cells() -> dict[str, dict]:
+    cells = {}
+    for name, (rule, args) in RULES.items():
+        lr = best_lr(name)
+        for depth in (2, 4, 6, 8, 10, 12):
+            cells[f"{name}_d{depth}"] = dict(BASE, rule=rule, rule_args=dict(args), lr=lr, epochs=3,
+                                             arch=f"784-256x{depth}-10", align_every=40)
+    return cells
+
+
+GRIDS = {"accuracy": accuracy_cells, "depth": depth_cells}
+
+
+def run_cell(args: tuple[str, str, dict]) -> str:
+    grid, cell, over = args
+    import torch
+    torch.set_num_threads(1)
+    from locosnn.config import TrainConfig
+    from locosnn.train import Trainer
+    dest = HERE / grid / cell
+    if (dest / "done.json").exists():
+        return f"{cell}: done already"
+    cfg = TrainConfig(**over)
+    run_dir = RUNS / grid / cell
+    t0 = time.time()
+    try:
+        hist = Trainer(cfg, out=run_dir, resume=True, progress=False).fit()
+        status = "ok"
+    except Exception as e:  # a diverged cell is a result, not a crash of the grid
+        hist, status = [], f"{type(e).__name__}: {e}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("metrics.jsonl", "config.json"):
+        if (run_dir / f).exists():
+            shutil.copy(run_dir / f, dest / f)
+    (dest / "done.json").write_text(json.dumps({"status": status, "wall_s": time.time() - t0, "epochs": len(hist)}))
+    return f"{cell}: {status}, {hist[-1]['test_acc'] if hist else 'n/a'} in {time.time() - t0:.0f}s"
+
+
+def collect(grid: str) -> None:
+    import pandas as pd
+    from locosnn.network import parse_arch
+    rows = []
+    for d in sorted((HERE / grid).glob("*/done.json")):
+        cell = d.parent.name
+        status = json.loads(d.read_text())["status"]
+        cfgp = d.parent / "config.json"
+        cfg = json.loads(cfgp.read_text())["config"] if cfgp.exists() else {}
+        mp_ = d.parent / "metrics.jsonl"
+        hist = pd.read_json(mp_, lines=True).to_dict("records") if mp_.exists() and mp_.stat().st_size else []
+        if not hist:
+            rows.append({"cell": cell, "status": status, "rule_name": cell.split("_")[0], "lr": cfg.get("lr"),
+                         "arch": cfg.get("arch")})
+        for h in hist:
+            row = {"cell": cell, "status": status, "rule_name": cell.split("_")[0], "lr": cfg.get("lr"),
+                   "arch": cfg.get("arch"), "hidden_layers": len(parse_arch(cfg["arch"])[1]) - 1}
+            row.update({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in h.items()})
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    df.to_csv(HERE / grid / "results.csv", index=False)
+
+
+def write_meta(grid: str, cells: dict) -> None:
+    from locosnn.provenance import git_sha, machine, versions
+    meta = {"command": "python benchmarks/run_loco.py " + " ".join(sys.argv[1:]), "git_sha": git_sha(),
+            "versions": versions(), "machine": machine(), "torch_threads_per_cell": 1, "cells": cells}
+    (HERE / grid / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("grid", choices=[*GRIDS, "plot"])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--only", default=None, help="run only cells whose name starts with this")
+    args = ap.parse_args()
+    if args.grid == "plot":
+        plot()
+        return
+    cells = GRIDS[args.grid]()
+    if args.only:
+        cells = {k: v for k, v in cells.items() if k.startswith(args.only)}
+    (HERE / args.grid).mkdir(parents=True, exist_ok=True)
+    write_meta(args.grid, cells)
+    jobs = [(args.grid, k, v) for k, v in cells.items()]
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        for msg in pool.imap_unordered(run_cell, jobs):
+            print(msg, flush=True)
+            collect(args.grid)
+    collect(args.grid)
+    plot()
+
+
+def plot() -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    colors = {"bptt": "k", "np": "tab:orange", "loco": "tab:blue", "loco-faithful": "tab:green"}
+    res = HERE / "accuracy" / "results.csv"
+    if res.exists():
+        df = pd.read_csv(res)
+        meta = json.loads((HERE / "accuracy" / "meta.json").read_text())
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, g in df.groupby("rule_name"):
+            best = g.loc[g.val_acc.idxmax(), "lr"]
+            for lr, gl in g.groupby("lr"):
+                axes[0].plot(gl.epoch, 100 * gl.test_acc, color=colors.get(name), alpha=1.0 if lr == best else 0.25,
+                             marker="o" if lr == best else None, label=f"{name} (lr {lr:g}, best val)" if lr == best else None)
+            fin = g[g.epoch == g.epoch.max()]
+            axes[1].plot(fin.lr, 100 * fin.test_acc, color=colors.get(name), marker="o", label=name)
+        axes[0].set_xlabel("epoch"); axes[0].set_ylabel("test accuracy (%)"); axes[0].legend(fontsize=8)
+        axes[0].set_title("784-500-500-10, best-val lr solid, other lrs faint", fontsize=9)
+        axes[1].set_xscale("log"); axes[1].set_xlabel("learning rate (Adam)"); axes[1].set_ylabel("final test accuracy (%)")
+        axes[1].legend(fontsize=8); axes[1].set_title("learning-rate sweep", fontsize=9)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"Fashion-MNIST (20k train), LIF T=8 — {meta['command']} @ {meta['git_sha'][:10]}", fontsize=9)
+        fig.tight_layout(); fig.savefig(HERE / "accuracy" / "accuracy.png", dpi=110)
+        plt.close(fig)
+    res = HERE / "depth" / "results.csv"
+    if res.exists():
+        df = pd.read_csv(res)
+        meta = json.loads((HERE / "depth" / "meta.json").read_text())
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, g in df.groupby("rule_name"):
+            fin = g.sort_values("epoch").groupby("hidden_layers").last().reset_index()
+            ax.plot(fin.hidden_layers, 100 * fin.test_acc, color=colors.get(name), marker="o", label=name)
+        ax.set_xlabel("hidden layers (width 256)"); ax.set_ylabel("test accuracy after 3 epochs (%)")
+        ax.grid(alpha=0.3); ax.legend(fontsize=8)
+        ax.set_title(f"depth sweep — {meta['command']} @ {meta['git_sha'][:10]}", fontsize=8)
+        fig.tight_layout(); fig.savefig(HERE / "depth" / "depth.png", dpi=110)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
