@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -212,13 +212,18 @@ class SpikingNetwork(nn.Module):
                 f"got {tuple(x_seq.shape)}")
 
     def run(self, x_seq: torch.Tensor, noise: Noise | None = None, record: bool = False,
-            grad: bool = False) -> Trace:
-        """Run T steps on x_seq (T, B, *in_shape)."""
+            grad: bool = False, hook: Optional[Callable[..., None]] = None) -> Trace:
+        """Run T steps on x_seq (T, B, *in_shape).
+
+        record: keep every layer's input, current, membrane, output and noise per step (memory O(T)).
+        hook: called as hook(layer, t, x, current, membrane, output, noise) at every layer and step,
+        for rules that accumulate what they need online (memory flat in T)."""
         self.check_input(x_seq)
         with torch.set_grad_enabled(grad):
-            return self._run(x_seq, noise, record)
+            return self._run(x_seq, noise, record, hook)
 
-    def _run(self, x_seq: torch.Tensor, noise: Noise | None, record: bool) -> Trace:
+    def _run(self, x_seq: torch.Tensor, noise: Noise | None, record: bool,
+             hook: Optional[Callable[..., None]] = None) -> Trace:
         T, B = x_seq.shape[:2]
         L = self.depth
         cfg = self.neuron
@@ -255,6 +260,8 @@ class SpikingNetwork(nn.Module):
                     v[li], s[li] = mem, out
                 if xi is not None and noise.site == "output":
                     out = out + xi
+                if hook is not None:
+                    hook(li, t, x, cur, mem, out, xi)
                 if record:
                     tr.inputs[li].append(x)
                     tr.currents[li].append(cur)

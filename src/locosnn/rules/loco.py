@@ -122,18 +122,23 @@ class LOCO(NodePerturbation):
         excluded = self.excluded_centroids(self.memories[li], X) if self.k > 0 else None
         return loco_basis(X, self.rank, excluded, self.tol)
 
+    def layer_transform(self, network: SpikingNetwork, clean: Trace, li: int, gw: torch.Tensor,
+                        gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project layer li's update on its input side: [G_W | G_b] <- [G_W | G_b] Q Q^T."""
+        if not self.projection:
+            return gw, gb
+        Q = self.projector_basis(network, clean, li)
+        self.last_ranks.append(Q.shape[1])
+        G = project(torch.cat([gw, gb[:, None]], 1), Q)
+        return G[:, :-1], G[:, -1]
+
     def transform(self, network: SpikingNetwork, clean: Trace, grads):
         if not self.projection:
             return grads
         t0 = time.perf_counter()
-        out, ranks = [], []
-        for li, (gw, gb) in enumerate(grads):
-            Q = self.projector_basis(network, clean, li)
-            G = project(torch.cat([gw, gb[:, None]], 1), Q)
-            out.append((G[:, :-1], G[:, -1]))
-            ranks.append(Q.shape[1])
+        self.last_ranks = []
+        out = [self.layer_transform(network, clean, li, gw, gb) for li, (gw, gb) in enumerate(grads)]
         self.last_projector_s = time.perf_counter() - t0
-        self.last_ranks = ranks
         return out
 
     @torch.no_grad()

@@ -35,16 +35,18 @@ from .base import LearningRule
 
 class NodePerturbation(LearningRule):
     """NP. Parameters: sigma (noise std), site ("current" | "output"), dist ("gaussian" |
-    "rademacher" | "uniform"), concat (clean and noisy pass as one batch)."""
+    "rademacher" | "uniform"), concat (clean and noisy pass as one batch), online (memory
+    flat in T: replay the noise in a second noisy pass instead of recording the trace)."""
 
     name = "np"
 
     def __init__(self, sigma: float = 0.2, site: str = "current", dist: str = "gaussian",
-                 concat: bool = True, **kw: Any) -> None:
+                 concat: bool = True, online: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
         if sigma <= 0:
             raise LocosnnError(f"sigma must be > 0, got {sigma}")
         self.sigma, self.site, self.dist, self.concat = sigma, site, dist, concat
+        self.online = bool(online)
         Noise(sigma, site, dist)  # validates site and dist
         self.generator = torch.Generator().manual_seed(10_007 * self.seed + 1)
 
@@ -66,7 +68,10 @@ class NodePerturbation(LearningRule):
     # -- the local estimate -----------------------------------------------------
     def local_signal(self, network: SpikingNetwork, noisy: Trace, li: int, t: int) -> torch.Tensor:
         """xi_l[t] carried to the synaptic current (current site: xi itself)."""
-        xi = noisy.noise[li][t]
+        return self.signal(network, li, noisy.noise[li][t], noisy.currents[li][t], noisy.membranes[li][t])
+
+    def signal(self, network: SpikingNetwork, li: int, xi: torch.Tensor, cur: torch.Tensor,
+               mem: torch.Tensor) -> torch.Tensor:
         if self.site == "current":
             return xi
         last = li == network.depth - 1
@@ -74,8 +79,8 @@ class NodePerturbation(LearningRule):
             return xi
         cfg = network.neuron
         if cfg.model == "rate":
-            return xi * rate_proxy_derivative(noisy.currents[li][t], cfg.theta)
-        return xi * surrogate_derivative(noisy.membranes[li][t], cfg.theta, cfg.surrogate, cfg.slope)
+            return xi * rate_proxy_derivative(cur, cfg.theta)
+        return xi * surrogate_derivative(mem, cfg.theta, cfg.surrogate, cfg.slope)
 
     def estimate(self, network: SpikingNetwork, noisy: Trace, dl: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (G_W, G_b) in the parameters' shapes (conv: (C_out, C_in*k*k))."""
@@ -100,8 +105,53 @@ class NodePerturbation(LearningRule):
             grads.append((gw, gb))
         return grads
 
+    @staticmethod
+    def _outer(layer, e: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum over rows of e (N, n_out[, H, W]) x^T (N, d_in[, ...]): one time step's (G_W, G_b)."""
+        if layer.kind == "linear":
+            return e.T @ x.reshape(x.shape[0], -1), e.sum(0)
+        cols = torch.nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation,
+                                          padding=layer.padding, stride=layer.stride)
+        e = e.flatten(2)
+        return torch.einsum("bcp,bdp->cd", e, cols), e.sum((0, 2))
+
+    def online_step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor):
+        """Memory flat in T: pass 1 (clean | noisy, one batch) gives dL and the clean
+        inputs' time-sum; pass 2 replays the same noise (generator state restored)
+        and accumulates sum_t (dL/sigma^2) xi x^T per layer at every step.
+        Costs one more noisy forward pass than the recorded mode."""
+        B, T = x_seq.shape[1], x_seq.shape[0]
+        xx = torch.cat([x_seq, x_seq], 1)
+        start = self.generator.get_state()
+        sums: list[Any] = [None] * network.depth
+
+        def h_clean(li, t, x, cur, mem, out, xi):
+            sums[li] = x[:B] if sums[li] is None else sums[li] + x[:B]
+
+        tr = network.run(xx, noise=Noise(self.sigma, self.site, self.dist, self.generator, clean_rows=B), hook=h_clean)
+        l_clean, l_noisy = self.loss_fn(tr.out[:B], y), self.loss_fn(tr.out[B:], y)
+        dl = l_noisy - l_clean
+        scale = dl / (self.sigma ** 2 * B)
+        grads: list[Any] = [None] * network.depth
+
+        def h_update(li, t, x, cur, mem, out, xi):
+            layer = network.layers[li]
+            sig = self.signal(network, li, xi[B:], cur[B:], mem[B:])
+            gw, gb = self._outer(layer, sig * scale.view(B, *([1] * (sig.dim() - 1))), x[B:])
+            grads[li] = (gw, gb) if grads[li] is None else (grads[li][0] + gw, grads[li][1] + gb)
+
+        self.generator.set_state(start)
+        network.run(xx, noise=Noise(self.sigma, self.site, self.dist, self.generator, clean_rows=B), hook=h_update)
+        clean = Trace(out=tr.out[:B], inputs=[[s / T] for s in sums])
+        return clean, grads, dl, l_clean
+
     @torch.no_grad()
     def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        if self.online:
+            clean, raw, dl, l_clean = self.online_step(network, x_seq, y)
+            grads = self.transform(network, clean, raw)
+            self.write_grads(network, grads)
+            return {"loss": float(l_clean.mean()), "out": clean.out, "mean_abs_dl": float(dl.abs().mean())}
         clean, noisy, dl, l_clean = self.perturbed_passes(network, x_seq, y)
         grads = self.transform(network, clean, self.estimate(network, noisy, dl))
         self.write_grads(network, grads)
@@ -109,7 +159,12 @@ class NodePerturbation(LearningRule):
 
     def transform(self, network: SpikingNetwork, clean: Trace, grads):
         """Hook for rules built on NP (LOCO projects here). NP: identity."""
-        return grads
+        return [self.layer_transform(network, clean, li, gw, gb) for li, (gw, gb) in enumerate(grads)]
+
+    def layer_transform(self, network: SpikingNetwork, clean: Trace, li: int, gw: torch.Tensor,
+                        gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer, local post-processing of the estimate (reads only layer li's records). NP: identity."""
+        return gw, gb
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
