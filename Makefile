@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test train bench-bptt clean
+.PHONY: setup test train bench-bptt bench-loco bench-cost clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,13 @@ train:
 
 bench-bptt:
 	$(BIN)/python benchmarks/run_bptt.py
+
+bench-loco:
+	$(BIN)/python benchmarks/run_loco.py accuracy --workers 2
+	$(BIN)/python benchmarks/run_loco.py depth --workers 2
+
+bench-cost:
+	$(BIN)/python benchmarks/run_cost.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -295,3 +295,17 @@ def test_online_mode_equals_recorded_mode(digits, name, arch):
         assert torch.allclose(u, v, rtol=1e-4, atol=1e-6 * float(u.abs().max()))
     c = rule_update(make_rule(name, seed=3, online=True), net, xs, y)  # negative control: other noise
     assert not torch.allclose(a[0], c[0], rtol=1e-2)
+
+
+def test_fast_gram_schmidt_spans_what_the_reference_loop_spans():
+    from locosnn.rules.projector import gram_schmidt, gram_schmidt_loop, orthonormal
+    g = torch.Generator().manual_seed(4)
+    V = torch.randn(80, 30, generator=g, dtype=torch.float64)
+    V[:, 5] = V[:, 2] + 0.01 * V[:, 3]  # nearly dependent: must be dropped by tol
+    V[:, 9] = 2 * V[:, 0]
+    C = orthonormal(torch.randn(80, 4, generator=g, dtype=torch.float64))
+    for against in (None, C):
+        a = gram_schmidt(V, against, 0.1)
+        b = gram_schmidt_loop(V, against, 0.1)
+        assert a.shape == b.shape and a.shape[1] == 28
+        assert torch.allclose(a @ a.T, b @ b.T, atol=1e-8)
