@@ -2,6 +2,7 @@
 
 Regenerate (each grid resumable: a finished cell is never rerun):
     .venv/bin/python benchmarks/run_loco.py accuracy --workers 2
+    .venv/bin/python benchmarks/run_loco.py tuning --workers 2
     .venv/bin/python benchmarks/run_loco.py depth --workers 2
     .venv/bin/python benchmarks/run_loco.py plot
 
@@ -9,7 +10,8 @@ Budget (identical for every rule, sized for a 2-core CPU; see GRIDS below):
 Fashion-MNIST with --limit 20000 (the first 20,000 training images after the
 5,000-image validation hold-out, the full 10,000-image test set, validation
 5,000), LIF, T = 8, direct encoding, membrane readout, batch 128, Adam, seed 0.
-accuracy: 784-500-500-10, 6 epochs, lr in {3e-4, 1e-3, 3e-3} for every rule.
+accuracy: 784-500-500-10, 6 epochs, lr in {1e-4, 3e-4, 1e-3, 3e-3} for every rule.
+tuning: NP and LOCO at lr 3e-4 with sigma 0.05 / 0.5 and the output noise site.
 depth: width 256, hidden layers {2, 4, 6, 8, 10, 12}, 3 epochs, each rule at
 its best-validation learning rate from the accuracy grid.
 Each cell runs in its own process with one torch thread (two cells at a time on
@@ -30,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent / "loco"
 RUNS = Path("runs/bench-loco")
-LRS = (3e-4, 1e-3, 3e-3)
+LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 RULES = {  # name -> (rule, rule_args)
     "bptt": ("bptt", {}),
     "np": ("np", {}),
@@ -71,7 +73,19 @@ def depth_cells() -> dict[str, dict]:
     return cells
 
 
-GRIDS = {"accuracy": accuracy_cells, "depth": depth_cells}
+def tuning_cells() -> dict[str, dict]:
+    """What else we tried for the perturbation rules (784-500-500-10, lr 3e-4, same budget)."""
+    cells = {}
+    for name in ("np", "loco"):
+        rule, args = RULES[name]
+        for tag, extra in (("sigma0.05", {"sigma": 0.05}), ("sigma0.5", {"sigma": 0.5}),
+                           ("siteoutput", {"site": "output"})):
+            cells[f"{name}_{tag}"] = dict(BASE, rule=rule, rule_args=dict(args, **extra), lr=3e-4, epochs=6,
+                                          arch="784-500-500-10", align_every=20)
+    return cells
+
+
+GRIDS = {"accuracy": accuracy_cells, "depth": depth_cells, "tuning": tuning_cells}
 
 
 def run_cell(args: tuple[str, str, dict]) -> str:
@@ -124,9 +138,13 @@ def collect(grid: str) -> None:
 
 def write_meta(grid: str, cells: dict) -> None:
     from locosnn.provenance import git_sha, machine, versions
-    meta = {"command": "python benchmarks/run_loco.py " + " ".join(sys.argv[1:]), "git_sha": git_sha(),
-            "versions": versions(), "machine": machine(), "torch_threads_per_cell": 1, "cells": cells}
-    (HERE / grid / "meta.json").write_text(json.dumps(meta, indent=2))
+    path = HERE / grid / "meta.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    run = {"command": "python benchmarks/run_loco.py " + " ".join(sys.argv[1:]), "git_sha": git_sha(),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {**run, "versions": versions(), "machine": machine(), "torch_threads_per_cell": 1,
+            "runs": old.get("runs", []) + [run], "cells": {**old.get("cells", {}), **cells}}
+    path.write_text(json.dumps(meta, indent=2))
 
 
 def main() -> None:

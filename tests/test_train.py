@@ -125,3 +125,17 @@ def test_atomic_write_cleans_up_on_error(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write_bytes(tmp_path / "a.json", boom)
     assert os.listdir(tmp_path) == []
+
+
+def test_alignment_logging_does_not_change_training(tmp_path):
+    """--align-every records per-layer cosine to BPTT but leaves the run bit-identical."""
+    cfg = TrainConfig(**{**SMALL, "rule": "loco", "epochs": 1, "rule_args": {"rank": 8}})
+    plain = Trainer(cfg, out=tmp_path / "a", progress=False)
+    plain.fit()
+    logged = Trainer(TrainConfig(**{**cfg.to_dict(), "align_every": 3}), out=tmp_path / "b", progress=False)
+    hist = logged.fit()
+    assert len(hist[-1]["align_cos"]) == logged.net.depth
+    assert all(-1 <= c <= 1 for c in hist[-1]["align_cos"]) and all(r > 0 for r in hist[-1]["align_norm_ratio"])
+    assert "rule_projector_s" in hist[-1] and hist[-1]["step_time_s"] > 0
+    for p, q in zip(plain.net.parameters(), logged.net.parameters()):
+        assert torch.equal(p, q)
