@@ -64,8 +64,11 @@ def test_bptt_learns_synthetic_data():
     assert hist[-1]["val_acc"] > 0.8 and hist[-1]["train_loss"] < hist[0]["train_loss"]
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(rule="bptt", encoder="rate", **{**SMALL, "epochs": 3})
+@pytest.mark.parametrize("rule,args", [("bptt", {}), ("np", {}), ("loco", {"rank": 8, "memory": 40}),
+                                       ("loco", {"rank": 8, "variant": "faithful"})])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, rule, args):
+    """Rule state (noise generator, LOCO cluster memory) travels with the checkpoint."""
+    cfg = TrainConfig(rule=rule, encoder="rate", **{**SMALL, "epochs": 3, "rule_args": args})
     full = Trainer(cfg, out=tmp_path / "full", progress=False)
     full.fit()
     part = Trainer(TrainConfig(**{**cfg.to_dict(), "epochs": 1}), out=tmp_path / "part", progress=False)
