@@ -309,3 +309,17 @@ def test_fast_gram_schmidt_spans_what_the_reference_loop_spans():
         b = gram_schmidt_loop(V, against, 0.1)
         assert a.shape == b.shape and a.shape[1] == 28
         assert torch.allclose(a @ a.T, b @ b.T, atol=1e-8)
+
+
+def test_drop_mean_removes_the_batch_mean_direction(digits):
+    torch.manual_seed(0)
+    net = SpikingNetwork("64-40-10")
+    xs, y = _batch(digits, 64)
+    clean = net.run(xs, record=True)
+    for drop in (True, False):
+        rule = make_rule("loco", rank=12, drop_mean=drop)
+        X = rule.layer_inputs(net, clean, 1)
+        Q = rule.projector_basis(net, clean, 1)
+        m = X.mean(0)
+        resid = float((m @ Q).norm() / m.norm())
+        assert (resid < 1e-4) if drop else (resid > 0.9)  # without the flag the mean is the first basis vector

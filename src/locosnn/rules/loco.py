@@ -34,6 +34,14 @@ Variants (``variant=``):
   reduction; on a task stream, clusters of earlier tasks are protected once the
   stream has moved on for ``window`` batches, which is the OWM intent.
 
+``drop_mean=True`` (ours, behind a flag) also removes the current batch's mean
+input direction from the update space. Why: NP's noise term sum_b n_b x_b^T puts
+its energy on input directions in proportion to the inputs' *uncentred* second
+moment, which non-negative spike inputs concentrate on the mean direction, while
+the gradient signal lives mostly in the centred directions. The faithful variant
+on shuffled batches does this by accident (its protected centroids collapse onto
+the mean), and it learned faster than the sample variant in our benchmark.
+
 ``projection=False`` returns plain NP (bit-identical under the same seed: the
 projector draws from its own generator).
 """
@@ -65,8 +73,9 @@ class LOCO(NodePerturbation):
     def __init__(self, rank: int = 110, k: int = 10, memory: int = 1000, tol: float = 0.1,
                  variant: str = "sample", projection: bool = True, min_share: float = 0.05,
                  per_batch: int = 16, max_rows: int = 2048, kmeans_iters: int = 5, window: int = 20,
-                 **kw: Any) -> None:
+                 drop_mean: bool = False, **kw: Any) -> None:
         super().__init__(**kw)
+        self.drop_mean = bool(drop_mean)
         if variant not in VARIANTS:
             raise LocosnnError(f"unknown LOCO variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         if rank < 1:
@@ -120,6 +129,9 @@ class LOCO(NodePerturbation):
         while len(self.memories) <= li:
             self.memories.append(ClusterMemory(self.memory_size, self.k, self.kmeans_iters))
         excluded = self.excluded_centroids(self.memories[li], X) if self.k > 0 else None
+        if self.drop_mean:
+            m = X.mean(0, keepdim=True)
+            excluded = m if excluded is None else torch.cat([excluded, m])
         return loco_basis(X, self.rank, excluded, self.tol)
 
     def layer_transform(self, network: SpikingNetwork, clean: Trace, li: int, gw: torch.Tensor,
