@@ -5,9 +5,9 @@ the timings are only comparable when nothing else runs).
 
 Each cell runs in a fresh process with one torch thread, on a real Fashion-MNIST batch of
 128, LIF, direct encoding: 2 warm-up steps, then the median wall time of 5 steps (forward
-pass(es) + update + Adam). Peak memory of the step = the rise of the process's peak RSS
-during those steps over the RSS after set-up (a fresh process per cell, so earlier cells
-cannot hide it). The LOCO projector share is the time spent building projectors / step time.
+pass(es) + update + Adam). Peak memory of the step = the highest resident set size sampled
+every 0.5 ms during the steps minus the resident set size before the first step (Adam's state,
+about 2x the parameters, is included; a fresh process per cell, so earlier cells cannot hide it). The LOCO projector share is the time spent building projectors / step time.
 Update stages are measured from the code's dependency structure (locosnn.cost.update_stages).
 
 Grids: depth = 784-256xD-10 for D in 2,4,6,8,10,12 at T = 8; T in 4, 8, 16, 32 at 784-500-500-10.
@@ -61,17 +61,34 @@ def measure(args: tuple[str, str, int, int, str]) -> dict:
         opt.step()
         return time.perf_counter() - t0, float(rep.get("projector_s", 0.0))
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import threading
+
+    def rss_kb() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+
+    base = rss_kb()  # before the first step: everything a step allocates counts
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_kb())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     step()
     step()
     times = [step() for _ in range(5)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    stop.set()
+    th.join()
     stages = update_stages(make_rule(rule_name, **kw), net, xs[:, :16], y[:16])
     t = statistics.median(a for a, _ in times)
     proj = statistics.median(b for _, b in times)
     return {"rule_name": name, "arch": arch, "hidden_layers": hidden, "T": T, "batch": 128,
             "step_s": t, "projector_s": proj, "projector_share": proj / t if t else 0.0,
-            "step_peak_mb": (peak - base) / 1024, "rule_state_bytes": state_bytes(rule.state_dict()),
+            "step_peak_mb": (peak[0] - base) / 1024, "rule_state_bytes": state_bytes(rule.state_dict()),
             "update_stages": stages, "forward_passes_per_update": 1 if rule_name == "bptt" else (3 if kw.get("online") else 2)}
 
 

@@ -4,6 +4,7 @@ Regenerate (each grid resumable: a finished cell is never rerun):
     .venv/bin/python benchmarks/run_loco.py accuracy --workers 2
     .venv/bin/python benchmarks/run_loco.py tuning --workers 2
     .venv/bin/python benchmarks/run_loco.py depth --workers 2
+    .venv/bin/python benchmarks/run_loco.py depth_extra --workers 2
     .venv/bin/python benchmarks/run_loco.py plot
 
 Budget (identical for every rule, sized for a 2-core CPU; see GRIDS below):
@@ -104,7 +105,16 @@ def rules_name(rule_args: dict) -> str:
     return "loco" if "variant" in rule_args else "np"
 
 
-GRIDS = {"accuracy": accuracy_cells, "depth": depth_cells, "tuning": tuning_cells}
+def depth_extra_cells() -> dict[str, dict]:
+    """The best shallow LOCO settings of the second tuning round, at 10 hidden layers."""
+    cells = {}
+    for cell, rule_args, lr in (("loco-faithful-sigma0.5_d10", {"variant": "faithful", "sigma": 0.5}, 1e-3),
+                                ("loco-dropmean_d10", {"variant": "sample", "sigma": 0.5, "drop_mean": True}, 1e-3)):
+        cells[cell] = dict(BASE, rule="loco", rule_args=rule_args, lr=lr, epochs=3, arch="784-256x10-10", align_every=40)
+    return cells
+
+
+GRIDS = {"accuracy": accuracy_cells, "depth": depth_cells, "tuning": tuning_cells, "depth_extra": depth_extra_cells}
 
 
 def run_cell(args: tuple[str, str, dict]) -> str:
