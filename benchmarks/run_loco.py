@@ -1,4 +1,4 @@
-"""NP and LOCO beside BPTT on Fashion-MNIST: accuracy / learning-rate sweep, depth sweep.
+"""NP and LOCO (and FA, DFA) beside BPTT on Fashion-MNIST: accuracy / learning-rate sweep, depth sweep.
 
 Regenerate (each grid resumable: a finished cell is never rerun):
     .venv/bin/python benchmarks/run_loco.py accuracy --workers 2
@@ -40,6 +40,8 @@ RULES = {  # name -> (rule, rule_args)
     "np": ("np", {}),
     "loco": ("loco", {"variant": "sample"}),
     "loco-faithful": ("loco", {"variant": "faithful"}),
+    "fa": ("fa", {}),
+    "dfa": ("dfa", {}),
 }
 BASE = dict(dataset="fashion-mnist", limit=20000, T=8, batch_size=128, seed=0)
 
@@ -204,7 +206,8 @@ def plot() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
-    colors = {"bptt": "k", "np": "tab:orange", "loco": "tab:blue", "loco-faithful": "tab:green"}
+    colors = {"bptt": "k", "np": "tab:orange", "loco": "tab:blue", "loco-faithful": "tab:green",
+              "fa": "tab:purple", "dfa": "tab:brown"}
     res = HERE / "accuracy" / "results.csv"
     if res.exists():
         df = pd.read_csv(res)

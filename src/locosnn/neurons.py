@@ -95,8 +95,9 @@ def rate_proxy(current: torch.Tensor, theta: float = 1.0) -> torch.Tensor:
 
 
 def rate_proxy_derivative(current: torch.Tensor, theta: float = 1.0) -> torch.Tensor:
-    """f'(z) of the rate proxy: 1/theta inside (0, theta), else 0."""
-    return ((current > 0) & (current < theta)).to(current.dtype) / theta
+    """f'(z) of the rate proxy: 1/theta on [0, theta], else 0 (the boundary convention of
+    autograd's clamp, so that local rules and BPTT agree exactly at z = 0, e.g. zero patches)."""
+    return ((current >= 0) & (current <= theta)).to(current.dtype) / theta
 
 
 def leaky_integrator_step(v: torch.Tensor, current: torch.Tensor, beta: float) -> torch.Tensor:

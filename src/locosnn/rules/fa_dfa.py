@@ -1,0 +1,188 @@
+"""Feedback alignment (FA, Lillicrap et al. 2016) and direct feedback alignment (DFA, Nokland 2016)
+on the spiking core, online in time (OTTT-style presynaptic traces, no BPTT through the state).
+
+Both rules run two forward passes and keep nothing per time step (memory flat in T):
+
+1. pass 1 gives the readout and the closed-form output error e = dL/d out (mean-batch loss);
+2. pass 2 replays the (deterministic) forward pass; a hook receives each layer's
+   input, current and membrane at every step, and once the last layer of step t
+   has run, the step's errors are formed top-down (FA) or broadcast (DFA):
+
+   output layer:  delta_L[t] = dL/dv_L[t] = e / T            (membrane readout: mean of v)
+                               = sigma'(v_L[t]) e / T         (rate readout)
+   FA hidden:     delta_l[t] = sigma'(v_l[t]) * (B_{l+1}^T delta_{l+1}[t])   (B in place of W)
+   DFA hidden:    delta_l[t] = sigma'(v_l[t]) * (B_l e_t),  e_t = delta_L[t] (one hop, all layers at once)
+   update:        G_l += delta_l[t] xhat_{l-1}[t]^T,  xhat[t] = lam xhat[t-1] + x[t]
+
+sigma' is the network's surrogate derivative at the membrane (LIF/IF) or the rate
+proxy's derivative (rate model). The presynaptic trace decay ``lam`` defaults to the
+neuron's own decay (beta for LIF, 1 for IF, 0 for the stateless rate proxy), which makes
+``xhat[t]`` equal to d v[t] / d W when resets are ignored (OTTT). With T = 1 both rules
+reduce to their textbook non-spiking form; with B := W^T (FA) or B_l := the exact
+one-hop Jacobian (DFA on one hidden layer) they equal the spatial gradient (tests).
+
+Feedback matrices are rule state: plain tensors (requires_grad False), never network
+parameters, drawn lazily at the first step from the rule's own seeded generator:
+FA B_l ~ N(0, 1/fan_in) in W_l's shape; DFA B_l ~ N(0, 1/n_out) of shape (n_l, n_out).
+``feedback="transpose"`` (FA) uses the current W^T instead (a test switch).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..errors import LocosnnError
+from ..losses import output_error
+from ..network import SpikingNetwork
+from ..neurons import rate_proxy_derivative, surrogate_derivative
+from .base import LearningRule
+from .np import NodePerturbation
+
+
+class _OnlineFeedback(LearningRule):
+    """Shared two-pass machinery; subclasses implement :meth:`hidden_deltas`."""
+
+    def __init__(self, trace_decay: Optional[float] = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.trace_decay = trace_decay
+        self.generator = torch.Generator().manual_seed(10_007 * self.seed + 3)
+        self.B: list[torch.Tensor] = []
+
+    # -- feedback state ------------------------------------------------------
+    def init_feedback(self, network: SpikingNetwork) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "B": [b.clone() for b in self.B]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.B = [b.clone() for b in state["B"]]
+
+    # -- local quantities ----------------------------------------------------
+    def _lam(self, network: SpikingNetwork, li: int) -> float:
+        if self.trace_decay is not None:
+            return self.trace_decay
+        last = li == network.depth - 1
+        if last and network.readout == "membrane":
+            return network.out_beta
+        return 0.0 if network.neuron.model == "rate" else network.neuron.decay
+
+    @staticmethod
+    def local_factor(network: SpikingNetwork, li: int, cur: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        cfg = network.neuron
+        if li == network.depth - 1 and network.readout == "membrane":
+            return torch.ones_like(mem)
+        if cfg.model == "rate":
+            return rate_proxy_derivative(cur, cfg.theta)
+        return surrogate_derivative(mem, cfg.theta, cfg.surrogate, cfg.slope)
+
+    def hidden_deltas(self, network: SpikingNetwork, factors: list[torch.Tensor],
+                      delta_out: torch.Tensor) -> list[torch.Tensor]:
+        """Errors dL/dv_l[t] of the hidden layers (in the layers' output shapes) for one step."""
+        raise NotImplementedError
+
+    # -- the step ------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        if not self.B:
+            self.init_feedback(network)
+        T, B = x_seq.shape[0], x_seq.shape[1]
+        L = network.depth
+        out = network.run(x_seq).out
+        loss = self.loss_fn(out, y)
+        e = output_error(out, y, self.loss) / B  # dL/d out of the batch-mean loss
+        traces: list[Optional[torch.Tensor]] = [None] * L
+        factors: list[Any] = [None] * L
+        grads: list[Any] = [None] * L
+        lams = [self._lam(network, li) for li in range(L)]
+
+        def hook(li, t, x, cur, mem, o, xi):
+            traces[li] = x if traces[li] is None else lams[li] * traces[li] + x
+            factors[li] = self.local_factor(network, li, cur, mem)
+            if li < L - 1:
+                return
+            delta_out = factors[L - 1] * e / T
+            deltas = self.hidden_deltas(network, factors, delta_out) + [delta_out]
+            for k, layer in enumerate(network.layers):
+                gw, gb = NodePerturbation._outer(layer, deltas[k], traces[k])
+                grads[k] = (gw, gb) if grads[k] is None else (grads[k][0] + gw, grads[k][1] + gb)
+
+        network.run(x_seq, hook=hook)
+        self.write_grads(network, grads)
+        return {"loss": float(loss.mean()), "out": out}
+
+
+class FA(_OnlineFeedback):
+    """Feedback alignment through fixed random B_l (W_l's shape) instead of W_l^T.
+
+    feedback: "random" (default) or "transpose" (B_l := current W_l: exact spatial backprop, for tests).
+    trace_decay: presynaptic trace decay (default: the neuron's decay)."""
+
+    name = "fa"
+
+    def __init__(self, feedback: str = "random", **kw: Any) -> None:
+        super().__init__(**kw)
+        if feedback not in ("random", "transpose"):
+            raise LocosnnError(f"unknown FA feedback {feedback!r}; choose random or transpose")
+        self.feedback = feedback
+
+    def init_feedback(self, network: SpikingNetwork) -> None:
+        self.B = []
+        for layer in network.layers:
+            fan_in = layer.weight[0].numel()
+            self.B.append(torch.randn(layer.weight.shape, generator=self.generator) / fan_in ** 0.5)
+
+    def _matrix(self, network: SpikingNetwork, k: int) -> torch.Tensor:
+        return network.layers[k].weight.detach() if self.feedback == "transpose" else self.B[k]
+
+    def hidden_deltas(self, network, factors, delta_out):
+        L = network.depth
+        deltas: list[torch.Tensor] = [torch.empty(0)] * (L - 1)
+        d = delta_out
+        for li in range(L - 2, -1, -1):
+            nxt = network.layers[li + 1]
+            Bm = self._matrix(network, li + 1)
+            shape = factors[li].shape
+            if nxt.kind == "linear":
+                g = (d.reshape(d.shape[0], -1) @ Bm).reshape(shape)
+            else:
+                g = torch.nn.grad.conv2d_input(shape, Bm, d, stride=nxt.stride, padding=nxt.padding,
+                                               dilation=nxt.dilation)
+            d = factors[li] * g
+            deltas[li] = d
+        return deltas
+
+
+class DFA(_OnlineFeedback):
+    """Direct feedback alignment: the output error reaches every hidden layer through a fixed
+    random B_l (n_l x n_out), no layer-to-layer backward pass. Conv layers: n_l is the number
+    of channels and a channel's feedback is shared by all its positions (our choice; it keeps
+    B small and the error spatially uniform, as in DFA for conv nets with global feedback).
+
+    feedback_scale: std of B_l is feedback_scale / sqrt(n_out)."""
+
+    name = "dfa"
+
+    def __init__(self, feedback_scale: float = 1.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.feedback_scale = feedback_scale
+
+    def init_feedback(self, network: SpikingNetwork) -> None:
+        n_out = network.n_out
+        self.B = []
+        for li in range(network.depth - 1):
+            n_l = network.layers[li].weight.shape[0]  # channels for conv: broadcast over positions below
+            self.B.append(torch.randn(n_l, n_out, generator=self.generator) * self.feedback_scale / n_out ** 0.5)
+
+    def hidden_deltas(self, network, factors, delta_out):
+        deltas = []
+        for li in range(network.depth - 1):
+            g = delta_out @ self.B[li].T  # (B, n_l)
+            f = factors[li]
+            if f.dim() == 4:  # conv layer: the same feedback to every position of a channel
+                g = g[:, :, None, None].expand_as(f)
+            deltas.append(f * g.reshape(f.shape))
+        return deltas
+
