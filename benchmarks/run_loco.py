@@ -1,4 +1,4 @@
-"""NP and LOCO (and FA, DFA) beside BPTT on Fashion-MNIST: accuracy / learning-rate sweep, depth sweep.
+"""NP and LOCO (and FA, DFA, OPZO) beside BPTT on Fashion-MNIST: accuracy / learning-rate sweep, depth sweep.
 
 Regenerate (each grid resumable: a finished cell is never rerun):
     .venv/bin/python benchmarks/run_loco.py accuracy --workers 2
@@ -42,6 +42,8 @@ RULES = {  # name -> (rule, rule_args)
     "loco-faithful": ("loco", {"variant": "faithful"}),
     "fa": ("fa", {}),
     "dfa": ("dfa", {}),
+    "opzo": ("opzo", {}),
+    "opzo-clean": ("opzo", {"clean_reference": True}),
 }
 BASE = dict(dataset="fashion-mnist", limit=20000, T=8, batch_size=128, seed=0)
 
@@ -207,7 +209,7 @@ def plot() -> None:
     import matplotlib.pyplot as plt
     import pandas as pd
     colors = {"bptt": "k", "np": "tab:orange", "loco": "tab:blue", "loco-faithful": "tab:green",
-              "fa": "tab:purple", "dfa": "tab:brown"}
+              "fa": "tab:purple", "dfa": "tab:brown", "opzo": "tab:pink", "opzo-clean": "tab:olive"}
     res = HERE / "accuracy" / "results.csv"
     if res.exists():
         df = pd.read_csv(res)

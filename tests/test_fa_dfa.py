@@ -83,7 +83,7 @@ def test_feedback_matrices_are_rule_state_not_parameters(digits):
     assert all(torch.equal(a, b) for a, b in zip(other.B, rule.B))
 
 
-@pytest.mark.parametrize("name", ["fa", "dfa"])
+@pytest.mark.parametrize("name", ["fa", "dfa", "opzo"])
 def test_no_per_step_state_is_kept(digits, name, monkeypatch):
     """Memory flat in T: the rule never records the trace, and what it holds after a step
     does not depend on T."""
@@ -108,7 +108,7 @@ def test_no_per_step_state_is_kept(digits, name, monkeypatch):
     assert sizes[0] == sizes[1]
 
 
-@pytest.mark.parametrize("name", ["fa", "dfa"])
+@pytest.mark.parametrize("name", ["fa", "dfa", "opzo"])
 def test_feedback_rules_learn_digits(name):
     cfg = TrainConfig(rule=name, dataset="digits", arch="64-64-10", T=4, epochs=3, batch_size=64, lr=1e-2)
     hist = Trainer(cfg, progress=False).fit()
@@ -118,3 +118,69 @@ def test_feedback_rules_learn_digits(name):
 def test_bad_feedback_option():
     with pytest.raises(LocosnnError, match="feedback"):
         make_rule("fa", feedback="mirror")
+
+
+# -- OPZO ---------------------------------------------------------------------------------
+
+def _jacobian_T(net, xs, li):
+    """Data-averaged transposed Jacobian of the output current w.r.t. layer li's current (T = 1)."""
+    x = xs[0].reshape(xs.shape[1], -1)
+    h = x
+    with torch.enable_grad():
+        for k, layer in enumerate(net.layers):
+            cur = layer.current(h)
+            if k == li:
+                cur = cur.detach().requires_grad_(True)
+                start = cur
+            if k == net.depth - 1:
+                out_cur = cur
+                break
+            h = torch.clamp(cur / net.neuron.theta, 0, 1)
+        J = torch.stack([torch.autograd.grad(out_cur[:, j].sum(), start, retain_graph=True)[0].mean(0)
+                         for j in range(out_cur.shape[1])], 1)  # (n_l, n_out)
+    return J
+
+
+def test_opzo_feedback_converges_to_the_averaged_jacobian(digits):
+    torch.manual_seed(0)
+    net = SpikingNetwork("64-32-32-10", neuron=NeuronConfig(model="rate"))
+    xs, y = _batch(digits, 64, T=1)
+    assert_spiking(net.run(xs, record=True))
+    J = [_jacobian_T(net, xs, li) for li in range(2)]
+
+    def run(rule, steps):
+        cos = {}
+        for step in range(1, steps[-1] + 1):
+            rule.step(net, xs, y)
+            if step in steps:
+                cos[step] = [float((rule.B[li] * J[li]).sum() / (rule.B[li].norm() * J[li].norm())) for li in range(2)]
+        return cos
+
+    better = run(make_rule("opzo", alpha=0.01, lam=0.97, clean_reference=True), (1, 200))
+    assert all(c > 0.9 for c in better[200]) and all(c < 0.6 for c in better[1]), better
+    faithful = run(make_rule("opzo", alpha=0.01, lam=0.98, seed=1), (3, 300))
+    assert all(c300 > c3 + 0.05 for c300, c3 in zip(faithful[300], faithful[3])), faithful  # rises, slowly
+
+
+def test_opzo_without_noise_updates_no_hidden_layer(digits):
+    torch.manual_seed(0)
+    net = SpikingNetwork("64-32-32-10")
+    xs, y = _batch(digits, 32, T=4)
+    upd = rule_update(make_rule("opzo", alpha=0.0), net, xs, y)
+    assert all(float(u.abs().max()) == 0.0 for u in upd[:-1])
+    assert float(upd[-1].abs().max()) > 0  # the output layer's local update is still there
+
+
+def test_opzo_aligns_with_bptt_on_lif_after_warm_up(digits):
+    torch.manual_seed(0)
+    net = SpikingNetwork("64-64-64-10")
+    xs, y = _batch(digits, 128, T=4)
+    assert_spiking(net.run(xs, record=True))
+    rule = make_rule("opzo", alpha=0.1, lam=0.95, clean_reference=True)
+    for _ in range(60):
+        rule.step(net, xs, y)  # warm M up on fixed weights
+    rows = alignment(rule, net, xs, y)
+    assert all(r["cos"] > 0.2 for r in rows), rows
+    rule.B = [b[torch.randperm(b.shape[0], generator=torch.Generator().manual_seed(0))] for b in rule.B]
+    bad = alignment(rule, net, xs, y)  # negative control: feedback rows shuffled across neurons
+    assert all(abs(r["cos"]) < 0.15 for r in bad[:-1]), bad

@@ -6,11 +6,11 @@ from typing import Any
 from ..errors import LocosnnError
 from .base import LearningRule
 from .bptt import BPTT
-from .fa_dfa import DFA, FA
+from .fa_dfa import DFA, FA, OPZO
 from .loco import LOCO
 from .np import NodePerturbation
 
-RULES: dict[str, type[LearningRule]] = {"bptt": BPTT, "np": NodePerturbation, "loco": LOCO, "fa": FA, "dfa": DFA}
+RULES: dict[str, type[LearningRule]] = {"bptt": BPTT, "np": NodePerturbation, "loco": LOCO, "fa": FA, "dfa": DFA, "opzo": OPZO}
 
 
 def make_rule(name: str, **kwargs: Any) -> LearningRule:
@@ -29,4 +29,4 @@ def make_rule(name: str, **kwargs: Any) -> LearningRule:
     return cls(**kwargs)
 
 
-__all__ = ["LearningRule", "BPTT", "DFA", "FA", "LOCO", "NodePerturbation", "RULES", "make_rule"]
+__all__ = ["LearningRule", "BPTT", "DFA", "FA", "LOCO", "NodePerturbation", "OPZO", "RULES", "make_rule"]
