@@ -1,4 +1,4 @@
-"""Cost of a training step versus depth and versus T: BPTT, NP and LOCO (recorded and online modes).
+"""Cost of a training step versus depth and versus T: BPTT, NP and LOCO (recorded and online modes), FA, DFA, OPZO.
 
 Regenerate: `.venv/bin/python benchmarks/run_cost.py` (about 10 minutes on 2 cores; run it alone,
 the timings are only comparable when nothing else runs).
@@ -30,7 +30,14 @@ RULES = {
     "loco": ("loco", {}),
     "loco-online": ("loco", {"online": True}),
     "loco-faithful": ("loco", {"variant": "faithful"}),
+    "fa": ("fa", {}),
+    "dfa": ("dfa", {}),
+    "opzo": ("opzo", {}),
 }
+# forward passes per update, read off the code: NP/LOCO one concatenated clean+noisy pass
+# (2 passes' worth of samples) plus a replay in online mode; FA/DFA/OPZO forward + replay
+PASSES = {"bptt": 1, "np": 2, "np-online": 4, "loco": 2, "loco-online": 4, "loco-faithful": 2,
+          "fa": 2, "dfa": 2, "opzo": 2}
 DEPTHS = (2, 4, 6, 8, 10, 12)
 TS = (4, 8, 16, 32)
 
@@ -89,7 +96,7 @@ def measure(args: tuple[str, str, int, int, str]) -> dict:
     return {"rule_name": name, "arch": arch, "hidden_layers": hidden, "T": T, "batch": 128,
             "step_s": t, "projector_s": proj, "projector_share": proj / t if t else 0.0,
             "step_peak_mb": (peak[0] - base) / 1024, "rule_state_bytes": state_bytes(rule.state_dict()),
-            "update_stages": stages, "forward_passes_per_update": 1 if rule_name == "bptt" else (3 if kw.get("online") else 2)}
+            "update_stages": stages, "forward_passes_per_update": PASSES.get(name, 2)}
 
 
 def main() -> None:
@@ -125,7 +132,8 @@ def plot(df, meta) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     colors = {"bptt": "k", "np": "tab:orange", "np-online": "tab:red", "loco": "tab:blue",
-              "loco-online": "tab:cyan", "loco-faithful": "tab:green"}
+              "loco-online": "tab:cyan", "loco-faithful": "tab:green", "fa": "tab:purple", "dfa": "tab:brown",
+              "opzo": "tab:pink"}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     dd = df[(df["T"] == 8) & df.arch.str.contains("256x")]
     dt = df[df.arch == "784-500-500-10"]

@@ -15,13 +15,17 @@ def _net_batch(arch):
     return net, encode(x, 4), torch.randint(0, 4, (8,))
 
 
-def test_bptt_needs_one_stage_per_layer_and_perturbation_rules_one():
+def test_stages_bptt_and_fa_one_per_layer_perturbation_and_direct_feedback_one():
     for arch, L in (("20-16x3-4", 4), ("20-16x6-4", 7), ("1x8x8-c4k3-16-4", 3)):
         net, x, y = _net_batch(arch)
         assert autograd_stages(net, x, y) == list(range(L, 0, -1))
         assert update_stages(make_rule("bptt"), net, x, y) == L
         assert update_stages(make_rule("np"), net, x, y) == 1
         assert update_stages(make_rule("loco", rank=4), net, x, y) == 1
+        assert update_stages(make_rule("fa"), net, x, y) == L
+        assert update_stages(make_rule("fa", feedback="transpose"), net, x, y) == L
+        assert update_stages(make_rule("dfa"), net, x, y) == 1
+        assert update_stages(make_rule("opzo"), net, x, y) == 1
 
 
 class NonLocal(NodePerturbation):

@@ -13,6 +13,9 @@ update:
   records of *every other layer* replaced by NaN. If the update of every layer
   stays finite and unchanged, no layer waits for another: 1 stage (every layer
   updates in parallel from the broadcast loss differences).
+* feedback rules (FA, DFA, OPZO): one feedback matrix at a time is set to NaN; a
+  layer whose update turns NaN depends on that other layer's backward hop.
+  FA: L (like BPTT, spatially); DFA and OPZO: 1.
 """
 from __future__ import annotations
 
@@ -113,12 +116,44 @@ def perturbation_stages(rule: Any, network: SpikingNetwork, x_seq: torch.Tensor,
     return result
 
 
+def feedback_stages(rule: Any, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> list[int]:
+    """Per layer: 1 + the number of *other* layers' feedback matrices (B_k, M_k; W_k for FA with
+    feedback="transpose") on which its update depends: each is a sequential backward hop.
+    Measured by setting one feedback matrix at a time to NaN."""
+    from .diagnostics import rule_update
+    if not rule.B:
+        rule.init_feedback(network)
+    saved = [b.clone() for b in rule.B]
+    transpose = getattr(rule, "feedback", "") == "transpose"
+    result = [1] * network.depth
+    for k in range(len(saved)):
+        if transpose:
+            w = network.layers[k].weight
+            keep = w.data.clone()
+            w.data.fill_(math.nan)
+        else:
+            rule.B[k] = torch.full_like(saved[k], math.nan)
+        try:
+            upd = rule_update(rule, network, x_seq, y)
+        finally:
+            rule.B = [b.clone() for b in saved]
+            if transpose:
+                network.layers[k].weight.data.copy_(keep)
+        for li, u in enumerate(upd):
+            # with W poisoned the forward pass itself is NaN everywhere: only count the hop, not layer k
+            if li != k and not torch.isfinite(u).all():
+                result[li] += 1
+    return result
+
+
 def update_stages(rule: LearningRule, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> int:
     """Sequential update stages after the forward pass(es), measured (see module docstring)."""
     if rule.uses_backprop:
         return max(autograd_stages(network, x_seq, y, rule.loss))
     if hasattr(rule, "perturbed_passes") and hasattr(rule, "estimate"):
         return max(perturbation_stages(rule, network, x_seq, y))
+    if hasattr(rule, "init_feedback"):
+        return max(feedback_stages(rule, network, x_seq, y))
     raise NotImplementedError(f"no stage measurement for rule {rule.name!r} yet")
 
 
