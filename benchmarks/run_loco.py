@@ -231,6 +231,22 @@ def plot() -> None:
         fig.suptitle(f"Fashion-MNIST (20k train), LIF T=8 — {meta['command']} @ {meta['git_sha'][:10]}", fontsize=9)
         fig.tight_layout(); fig.savefig(HERE / "accuracy" / "accuracy.png", dpi=110)
         plt.close(fig)
+        # alignment to BPTT over training, per layer, best-val lr of every rule
+        names = [n for n in colors if n in set(df.rule_name)]
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True, squeeze=False)
+        for ax, name in zip(axes[0], names):
+            g = df[df.rule_name == name]
+            best = g.loc[g.val_acc.idxmax(), "cell"]
+            gb = g[g.cell == best].sort_values("epoch")
+            cos = [json.loads(c) for c in gb.align_cos]
+            for li in range(len(cos[0])):
+                ax.plot(gb.epoch, [c[li] for c in cos], marker=".", label=f"layer {li + 1}")
+            ax.set_title(best, fontsize=8); ax.set_xlabel("epoch"); ax.grid(alpha=0.3)
+            ax.axhline(0, color="grey", lw=0.6)
+        axes[0][0].set_ylabel("cosine(update, BPTT gradient)"); axes[0][0].legend(fontsize=7)
+        fig.suptitle("per-layer alignment of each rule's update with BPTT on the same batch (mean per epoch)", fontsize=9)
+        fig.tight_layout(); fig.savefig(HERE / "accuracy" / "alignment.png", dpi=110)
+        plt.close(fig)
     res = HERE / "depth" / "results.csv"
     if res.exists():
         df = pd.read_csv(res)
