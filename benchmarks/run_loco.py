@@ -5,6 +5,7 @@ Regenerate (each grid resumable: a finished cell is never rerun):
     .venv/bin/python benchmarks/run_loco.py tuning --workers 2
     .venv/bin/python benchmarks/run_loco.py depth --workers 2
     .venv/bin/python benchmarks/run_loco.py depth_extra --workers 2
+    .venv/bin/python benchmarks/run_loco.py full --workers 2    # the BPTT reference's budget
     .venv/bin/python benchmarks/run_loco.py plot
 
 Budget (identical for every rule, sized for a 2-core CPU; see GRIDS below):
@@ -118,7 +119,17 @@ def depth_extra_cells() -> dict[str, dict]:
     return cells
 
 
-GRIDS = {"accuracy": accuracy_cells, "depth": depth_cells, "tuning": tuning_cells, "depth_extra": depth_extra_cells}
+def full_cells() -> dict[str, dict]:
+    """Full training set, 10 epochs, 784-500-500-10: the BPTT reference budget (benchmarks/bptt)."""
+    cells = {}
+    for name in ("fa", "dfa", "opzo", "loco-faithful"):
+        lr, args = best_config(name)
+        cells[f"{name}_full"] = dict(BASE, limit=None, rule=RULES[name][0], rule_args=dict(args), lr=lr, epochs=10,
+                                     arch="784-500-500-10", align_every=50)
+    return cells
+
+
+GRIDS = {"full": full_cells, "accuracy": accuracy_cells, "depth": depth_cells, "tuning": tuning_cells, "depth_extra": depth_extra_cells}
 
 
 def run_cell(args: tuple[str, str, dict]) -> str:
