@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -63,3 +64,13 @@ def test_console_script_help_and_no_traceback():
 def test_unknown_rule_argument_is_named(capsys, tmp_path):
     code, err = run(["train", "--dataset", "synthetic", "--rule-arg", "sigma=0.1", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "rule 'bptt' has no setting sigma" in err
+
+
+def test_resume_needs_only_the_run_directory(tmp_path):
+    out = tmp_path / "r"
+    args = ["train", "--rule", "np", "--dataset", "synthetic", "--arch", "64-16-10", "-T", "2", "--epochs", "1",
+            "--val-size", "200", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["rule"] == "np"

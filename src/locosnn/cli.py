@@ -83,6 +83,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
     settings: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    saved = Path(args.out or "") / "config.json"
+    if args.resume and args.out and not args.config and saved.exists():
+        # --resume continues the run as it was configured; flags given now still override
+        settings = dict(json.loads(saved.read_text())["config"])
     for k in [f for f in TrainConfig.__dataclass_fields__ if f != "rule_args"]:
         v = getattr(args, k, None)
         if v is not None:
