@@ -83,6 +83,22 @@ class _OnlineFeedback(LearningRule):
         """Errors dL/dv_l[t] of the hidden layers (in the layers' output shapes) for one step."""
         raise NotImplementedError
 
+    # -- hooks for rules that inject noise (OPZO) -------------------------------
+    def forward_noise(self, network: SpikingNetwork, clean_rows: int):
+        """Noise for both passes (drawn from a generator that :meth:`step` rewinds). None: no noise."""
+        return None
+
+    def clean_rows(self, batch: int) -> int:
+        """Clean copies of the batch run in front of the (noisy) rows that learn. 0: none."""
+        return 0
+
+    def observe(self, network: SpikingNetwork, out_cur: torch.Tensor, ref_cur: Optional[torch.Tensor],
+                noises: list[Optional[torch.Tensor]]) -> None:
+        """Called once per time step, after the last layer, before the errors are formed."""
+
+    def _rng(self) -> Optional[torch.Generator]:
+        return None
+
     # -- the step ------------------------------------------------------------
     @torch.no_grad()
     def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -90,28 +106,45 @@ class _OnlineFeedback(LearningRule):
             self.init_feedback(network)
         T, B = x_seq.shape[0], x_seq.shape[1]
         L = network.depth
-        out = network.run(x_seq).out
+        C = self.clean_rows(B)
+        xin = torch.cat([x_seq, x_seq], 1) if C else x_seq
+        rng = self._rng()
+        start = rng.get_state() if rng is not None else None
+        out = network.run(xin, noise=self.forward_noise(network, C)).out[C:]
         loss = self.loss_fn(out, y)
         e = output_error(out, y, self.loss) / B  # dL/d out of the batch-mean loss
         traces: list[Optional[torch.Tensor]] = [None] * L
         factors: list[Any] = [None] * L
+        noises: list[Optional[torch.Tensor]] = [None] * L
         grads: list[Any] = [None] * L
         lams = [self._lam(network, li) for li in range(L)]
 
         def hook(li, t, x, cur, mem, o, xi):
+            ref_cur = cur[:C] if C else None
+            if C:
+                x, cur, mem = x[C:], cur[C:], mem[C:]
+                xi = xi[C:] if xi is not None else None
             traces[li] = x if traces[li] is None else lams[li] * traces[li] + x
             factors[li] = self.local_factor(network, li, cur, mem)
+            noises[li] = xi
             if li < L - 1:
                 return
+            self.observe(network, cur, ref_cur, noises)
             delta_out = factors[L - 1] * e / T
             deltas = self.hidden_deltas(network, factors, delta_out) + [delta_out]
             for k, layer in enumerate(network.layers):
                 gw, gb = NodePerturbation._outer(layer, deltas[k], traces[k])
                 grads[k] = (gw, gb) if grads[k] is None else (grads[k][0] + gw, grads[k][1] + gb)
 
-        network.run(x_seq, hook=hook)
+        if rng is not None:
+            rng.set_state(start)  # pass 2 sees pass 1's noise
+        network.run(xin, noise=self.forward_noise(network, C), hook=hook)
+        self.after_step()
         self.write_grads(network, grads)
         return {"loss": float(loss.mean()), "out": out}
+
+    def after_step(self) -> None:
+        pass
 
 
 class FA(_OnlineFeedback):
@@ -188,7 +221,7 @@ class DFA(_OnlineFeedback):
 
 
 
-class OPZO(_OnlineFeedback):
+class OPZO(DFA):
     """Online pseudo-zeroth-order training (Xiao et al. 2024), on the two-pass online core.
 
     A forward pass with noise xi_l = alpha z_l (z ~ N(0, 1), or Rademacher) added to every
@@ -243,7 +276,13 @@ class OPZO(_OnlineFeedback):
         self.noise_generator.set_state(state["noise_generator"])
         self.steps = state["steps"]
 
-    def _noise(self, network: SpikingNetwork, clean_rows: int = 0):
+    def _rng(self) -> Optional[torch.Generator]:
+        return self.noise_generator
+
+    def clean_rows(self, batch: int) -> int:
+        return batch if self.clean_reference and self.alpha > 0 else 0
+
+    def forward_noise(self, network: SpikingNetwork, clean_rows: int):
         from ..network import Noise
         if self.alpha <= 0:
             return None
@@ -251,54 +290,16 @@ class OPZO(_OnlineFeedback):
         return Noise(sign * self.alpha, "current", self.dist, self.noise_generator,
                      layers=list(range(network.depth - 1)), clean_rows=clean_rows)
 
-    @torch.no_grad()
-    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-        if not self.B:
-            self.init_feedback(network)
-        T, B = x_seq.shape[0], x_seq.shape[1]
-        L = network.depth
-        start = self.noise_generator.get_state()
-        C = B if self.clean_reference and self.alpha > 0 else 0  # clean rows in front of the noisy ones
-        xin = torch.cat([x_seq, x_seq], 1) if C else x_seq
-        out = network.run(xin, noise=self._noise(network, C)).out[C:]
-        loss = self.loss_fn(out, y)
-        e = output_error(out, y, self.loss) / B
-        lams = [self._lam(network, li) for li in range(L)]
-        traces: list[Any] = [None] * L
-        factors: list[Any] = [None] * L
-        noises: list[Any] = [None] * L
-        grads: list[Any] = [None] * L
-        a2 = self.alpha ** 2
+    def observe(self, network, out_cur, ref_cur, noises) -> None:
+        """M_l <- lam M_l + (1 - lam) mean_b xi_l,b o_b^T / alpha^2, o centred (batch mean or clean copy)."""
+        if self.alpha <= 0:
+            return
+        B = out_cur.shape[0]
+        oc = out_cur - (ref_cur if ref_cur is not None else out_cur.mean(0, keepdim=True))
+        for k in range(network.depth - 1):
+            z = noises[k]
+            z = z.reshape(B, -1) if z.dim() == 2 else z.mean((2, 3))  # conv: one row of M per channel
+            self.B[k].mul_(self.lam).add_((z.T @ oc) / (B * self.alpha ** 2), alpha=1 - self.lam)
 
-        def hook(li, t, x, cur, mem, o, xi):
-            if C:
-                ref_cur, x, cur, mem = cur[:C], x[C:], cur[C:], mem[C:]
-                xi = xi[C:] if xi is not None else None
-            traces[li] = x if traces[li] is None else lams[li] * traces[li] + x
-            factors[li] = self.local_factor(network, li, cur, mem)
-            noises[li] = xi
-            if li < L - 1:
-                return
-            delta_out = factors[L - 1] * e / T
-            if self.alpha > 0:
-                oc = cur - (ref_cur if C else cur.mean(0, keepdim=True))
-                for k in range(L - 1):
-                    z = noises[k].reshape(B, -1) if noises[k].dim() == 2 else noises[k].mean((2, 3))
-                    self.B[k].mul_(self.lam).add_((z.T @ oc) / (B * a2), alpha=1 - self.lam)
-            deltas = []
-            for k in range(L - 1):
-                g = delta_out @ self.B[k].T
-                f = factors[k]
-                if f.dim() == 4:
-                    g = g[:, :, None, None].expand_as(f)
-                deltas.append(f * g.reshape(f.shape))
-            deltas.append(delta_out)
-            for k, layer in enumerate(network.layers):
-                gw, gb = NodePerturbation._outer(layer, deltas[k], traces[k])
-                grads[k] = (gw, gb) if grads[k] is None else (grads[k][0] + gw, grads[k][1] + gb)
-
-        self.noise_generator.set_state(start)
-        network.run(xin, noise=self._noise(network, C), hook=hook)
+    def after_step(self) -> None:
         self.steps += 1
-        self.write_grads(network, grads)
-        return {"loss": float(loss.mean()), "out": out}
