@@ -129,7 +129,18 @@ def full_cells() -> dict[str, dict]:
     return cells
 
 
-GRIDS = {"full": full_cells, "accuracy": accuracy_cells, "depth": depth_cells, "tuning": tuning_cells, "depth_extra": depth_extra_cells}
+def recheck_cells() -> dict[str, dict]:
+    """FA/DFA/OPZO at their best accuracy-grid settings, rerun after the bias-trace and
+    dL/dI_out fixes (the accuracy/depth/full grids for these rules ran before them)."""
+    cells = {}
+    for name in ("fa", "dfa", "opzo"):
+        lr, args = best_config(name)
+        cells[f"{name}_lr{lr:g}"] = dict(BASE, rule=RULES[name][0], rule_args=dict(args), lr=lr, epochs=6,
+                                         arch="784-500-500-10", align_every=20)
+    return cells
+
+
+GRIDS = {"recheck": recheck_cells, "full": full_cells, "accuracy": accuracy_cells, "depth": depth_cells, "tuning": tuning_cells, "depth_extra": depth_extra_cells}
 
 
 def run_cell(args: tuple[str, str, dict]) -> str:

@@ -184,3 +184,18 @@ def test_opzo_aligns_with_bptt_on_lif_after_warm_up(digits):
     rule.B = [b[torch.randperm(b.shape[0], generator=torch.Generator().manual_seed(0))] for b in rule.B]
     bad = alignment(rule, net, xs, y)  # negative control: feedback rows shuffled across neurons
     assert all(abs(r["cos"]) < 0.15 for r in bad[:-1]), bad
+
+
+def test_output_layer_update_is_exact_over_time_and_hidden_scale_matches(digits):
+    """T > 1: the leaky readout's weight and bias updates equal BPTT's exactly (input and bias
+    traces), and FA with W^T sends down dL/dI_out[t] (norm ratio near 1, not ~0.5)."""
+    torch.manual_seed(0)
+    net = SpikingNetwork("64-64-64-10")
+    xs, y = _batch(digits, 128, T=8)
+    assert_spiking(net.run(xs, record=True))
+    ref = reference_gradient(net, xs, y)
+    for name, kw in (("fa", {"feedback": "transpose"}), ("dfa", {}), ("opzo", {"alpha": 0.0})):  # OPZO: clean forward
+        upd = rule_update(make_rule(name, **kw), net, xs, y)
+        assert torch.allclose(upd[-1], ref[-1], rtol=1e-4, atol=1e-7), name
+    rows = alignment(make_rule("fa", feedback="transpose"), net, xs, y)
+    assert all(0.75 < r["norm_ratio"] < 1.35 for r in rows), rows

@@ -10,9 +10,12 @@ Both rules run two forward passes and keep nothing per time step (memory flat in
 
    output layer:  delta_L[t] = dL/dv_L[t] = e / T            (membrane readout: mean of v)
                                = sigma'(v_L[t]) e / T         (rate readout)
-   FA hidden:     delta_l[t] = sigma'(v_l[t]) * (B_{l+1}^T delta_{l+1}[t])   (B in place of W)
-   DFA hidden:    delta_l[t] = sigma'(v_l[t]) * (B_l e_t),  e_t = delta_L[t] (one hop, all layers at once)
+   sent down:     e_t = dL/dI_L[t] = (e / T) sum_{k=0}^{T-1-t} beta_out^k   (membrane readout;
+                  = delta_L[t] for the rate readout)
+   FA hidden:     delta_l[t] = sigma'(v_l[t]) * (B_{l+1}^T e_t or B_{l+1}^T delta_{l+1}[t])   (B in place of W)
+   DFA hidden:    delta_l[t] = sigma'(v_l[t]) * (B_l e_t)   (one hop, all layers at once)
    update:        G_l += delta_l[t] xhat_{l-1}[t]^T,  xhat[t] = lam xhat[t-1] + x[t]
+                  (the bias: its input is 1, its trace sum_k lam^k)
 
 sigma' is the network's surrogate derivative at the membrane (LIF/IF) or the rate
 proxy's derivative (rate model). The presynaptic trace decay ``lam`` defaults to the
@@ -118,6 +121,8 @@ class _OnlineFeedback(LearningRule):
         noises: list[Optional[torch.Tensor]] = [None] * L
         grads: list[Any] = [None] * L
         lams = [self._lam(network, li) for li in range(L)]
+        bias_traces = [0.0] * L  # the bias's presynaptic input is 1: its trace is sum_k lam^k
+        membrane = network.readout == "membrane"
 
         def hook(li, t, x, cur, mem, o, xi):
             ref_cur = cur[:C] if C else None
@@ -125,15 +130,24 @@ class _OnlineFeedback(LearningRule):
                 x, cur, mem = x[C:], cur[C:], mem[C:]
                 xi = xi[C:] if xi is not None else None
             traces[li] = x if traces[li] is None else lams[li] * traces[li] + x
+            bias_traces[li] = lams[li] * bias_traces[li] + 1.0
             factors[li] = self.local_factor(network, li, cur, mem)
             noises[li] = xi
             if li < L - 1:
                 return
             self.observe(network, cur, ref_cur, noises)
-            delta_out = factors[L - 1] * e / T
-            deltas = self.hidden_deltas(network, factors, delta_out) + [delta_out]
+            delta_out = factors[L - 1] * e / T  # dL/dv_out[t], paired with the output's input trace
+            # what the hidden layers receive: dL/dI_out[t], which for the leaky readout includes how
+            # long the output keeps the current (sum_k beta^k over the remaining steps)
+            if membrane:
+                b = network.out_beta
+                to_hidden = delta_out * sum(b ** k for k in range(T - t))
+            else:
+                to_hidden = delta_out
+            deltas = self.hidden_deltas(network, factors, to_hidden) + [delta_out]
             for k, layer in enumerate(network.layers):
                 gw, gb = NodePerturbation._outer(layer, deltas[k], traces[k])
+                gb = gb * bias_traces[k]
                 grads[k] = (gw, gb) if grads[k] is None else (grads[k][0] + gw, grads[k][1] + gb)
 
         if rng is not None:
