@@ -89,19 +89,10 @@ class NodePerturbation(LearningRule):
         grads = []
         for li, layer in enumerate(network.layers):
             T = len(noisy.noise[li])
-            # all time steps in one GEMM: E (T*B, n_out) against X (T*B, d_in)
             sig = torch.stack([self.local_signal(network, noisy, li, t) for t in range(T)])
+            e = sig * scale.view(1, B, *([1] * (sig.dim() - 2)))
             x = torch.stack(noisy.inputs[li])
-            if layer.kind == "linear":
-                e = (sig * scale.view(1, B, *([1] * (sig.dim() - 2)))).reshape(T * B, -1)
-                gw = e.T @ x.reshape(T * B, -1)
-                gb = e.sum(0)
-            else:
-                e = (sig * scale.view(1, B, 1, 1, 1)).flatten(0, 1).flatten(2)  # (T*B, C_out, P)
-                cols = torch.nn.functional.unfold(x.flatten(0, 1), layer.kernel_size, dilation=layer.dilation,
-                                                  padding=layer.padding, stride=layer.stride)  # (T*B, d, P)
-                gw = torch.einsum("bcp,bdp->cd", e, cols)
-                gb = e.sum((0, 2))
+            gw, gb = self._outer(layer, e.flatten(0, 1), x.flatten(0, 1))  # all steps in one GEMM
             grads.append((gw, gb))
         return grads
 
