@@ -19,6 +19,7 @@ update:
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -94,9 +95,7 @@ def _poisoned(tr: Trace, keep: int) -> Trace:
 def perturbation_stages(rule: Any, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> list[int]:
     """Per layer: 1 if its update reads only its own forward records and the broadcast dL,
     else L (an upper bound: the update needs records of other layers)."""
-    state = rule.state_dict()
-    import copy
-    state = copy.deepcopy(state)
+    state = copy.deepcopy(rule.state_dict())
     clean, noisy, dl, _ = rule.perturbed_passes(network, x_seq, y)
     est = rule.estimate(network, noisy, dl)
     result = []

@@ -29,7 +29,8 @@ from torch import nn
 
 from .errors import LocosnnError
 from .layers import SpikingConv2d, SpikingLinear
-from .neurons import NeuronConfig, leaky_integrator_step, lif_step, rate_proxy
+from .neurons import (NeuronConfig, leaky_integrator_step, lif_step, rate_proxy, rate_proxy_derivative,
+                      surrogate_derivative)
 
 READOUTS = ("membrane", "rate")
 INITS = ("scaled", "pytorch")
@@ -201,6 +202,16 @@ class SpikingNetwork(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.layers)
+
+    def local_derivative(self, li: int, current: torch.Tensor, membrane: torch.Tensor) -> torch.Tensor:
+        """d output / d current of layer li at one step, as local rules use it: 1 for the
+        leaky-integrator readout, the rate proxy's derivative, or the surrogate at the membrane."""
+        cfg = self.neuron
+        if li == self.depth - 1 and self.readout == "membrane":
+            return torch.ones_like(membrane)
+        if cfg.model == "rate":
+            return rate_proxy_derivative(current, cfg.theta)
+        return surrogate_derivative(membrane, cfg.theta, cfg.surrogate, cfg.slope)
 
     def check_input(self, x_seq: torch.Tensor) -> None:
         want = self.in_shape

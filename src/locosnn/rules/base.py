@@ -50,3 +50,8 @@ class LearningRule:
             layer.weight.grad = gw.reshape(layer.weight.shape).detach().clone()
             if layer.bias is not None and gb is not None:
                 layer.bias.grad = gb.reshape(layer.bias.shape).detach().clone()
+
+
+def accumulate(grads: list, k: int, gw: torch.Tensor, gb: torch.Tensor) -> None:
+    """grads[k] += (gw, gb), starting from None (per-step accumulation in online rules)."""
+    grads[k] = (gw, gb) if grads[k] is None else (grads[k][0] + gw, grads[k][1] + gb)

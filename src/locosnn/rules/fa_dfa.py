@@ -38,9 +38,7 @@ import torch
 from ..errors import LocosnnError
 from ..losses import output_error
 from ..network import SpikingNetwork
-from ..neurons import rate_proxy_derivative, surrogate_derivative
-from .base import LearningRule
-from .np import NodePerturbation
+from .base import LearningRule, accumulate
 
 
 class _OnlineFeedback(LearningRule):
@@ -71,15 +69,6 @@ class _OnlineFeedback(LearningRule):
         if last and network.readout == "membrane":
             return network.out_beta
         return 0.0 if network.neuron.model == "rate" else network.neuron.decay
-
-    @staticmethod
-    def local_factor(network: SpikingNetwork, li: int, cur: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
-        cfg = network.neuron
-        if li == network.depth - 1 and network.readout == "membrane":
-            return torch.ones_like(mem)
-        if cfg.model == "rate":
-            return rate_proxy_derivative(cur, cfg.theta)
-        return surrogate_derivative(mem, cfg.theta, cfg.surrogate, cfg.slope)
 
     def hidden_deltas(self, network: SpikingNetwork, factors: list[torch.Tensor],
                       delta_out: torch.Tensor) -> list[torch.Tensor]:
@@ -131,7 +120,7 @@ class _OnlineFeedback(LearningRule):
                 xi = xi[C:] if xi is not None else None
             traces[li] = x if traces[li] is None else lams[li] * traces[li] + x
             bias_traces[li] = lams[li] * bias_traces[li] + 1.0
-            factors[li] = self.local_factor(network, li, cur, mem)
+            factors[li] = network.local_derivative(li, cur, mem)
             noises[li] = xi
             if li < L - 1:
                 return
@@ -146,9 +135,8 @@ class _OnlineFeedback(LearningRule):
                 to_hidden = delta_out
             deltas = self.hidden_deltas(network, factors, to_hidden) + [delta_out]
             for k, layer in enumerate(network.layers):
-                gw, gb = NodePerturbation._outer(layer, deltas[k], traces[k])
-                gb = gb * bias_traces[k]
-                grads[k] = (gw, gb) if grads[k] is None else (grads[k][0] + gw, grads[k][1] + gb)
+                gw, gb = layer.outer(deltas[k], traces[k])
+                accumulate(grads, k, gw, gb * bias_traces[k])
 
         if rng is not None:
             rng.set_state(start)  # pass 2 sees pass 1's noise

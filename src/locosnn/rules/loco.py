@@ -149,7 +149,7 @@ class LOCO(NodePerturbation):
             return grads
         t0 = time.perf_counter()
         self.last_ranks = []
-        out = [self.layer_transform(network, clean, li, gw, gb) for li, (gw, gb) in enumerate(grads)]
+        out = super().transform(network, clean, grads)
         self.last_projector_s = time.perf_counter() - t0
         return out
 

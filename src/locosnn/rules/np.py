@@ -29,8 +29,7 @@ import torch
 
 from ..errors import LocosnnError
 from ..network import Noise, SpikingNetwork, Trace
-from ..neurons import rate_proxy_derivative, surrogate_derivative
-from .base import LearningRule
+from .base import LearningRule, accumulate
 
 
 class NodePerturbation(LearningRule):
@@ -55,12 +54,11 @@ class NodePerturbation(LearningRule):
         """Run the clean and noisy passes; return (clean trace, noisy trace, dL per sample)."""
         B = x_seq.shape[1]
         if self.concat:
-            noise = Noise(self.sigma, self.site, self.dist, self.generator, clean_rows=B)
-            tr = network.run(torch.cat([x_seq, x_seq], 1), noise=noise, record=True)
+            tr = network.run(torch.cat([x_seq, x_seq], 1), noise=self._noise(B), record=True)
             clean, noisy = split_trace(tr, B)
         else:
             clean = network.run(x_seq, record=True)
-            noisy = network.run(x_seq, noise=Noise(self.sigma, self.site, self.dist, self.generator), record=True)
+            noisy = network.run(x_seq, noise=self._noise(), record=True)
         l_clean = self.loss_fn(clean.out, y)
         l_noisy = self.loss_fn(noisy.out, y)
         return clean, noisy, l_noisy - l_clean, l_clean
@@ -74,13 +72,7 @@ class NodePerturbation(LearningRule):
                mem: torch.Tensor) -> torch.Tensor:
         if self.site == "current":
             return xi
-        last = li == network.depth - 1
-        if last and network.readout == "membrane":
-            return xi
-        cfg = network.neuron
-        if cfg.model == "rate":
-            return xi * rate_proxy_derivative(cur, cfg.theta)
-        return xi * surrogate_derivative(mem, cfg.theta, cfg.surrogate, cfg.slope)
+        return xi * network.local_derivative(li, cur, mem)
 
     def estimate(self, network: SpikingNetwork, noisy: Trace, dl: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (G_W, G_b) in the parameters' shapes (conv: (C_out, C_in*k*k))."""
@@ -92,19 +84,11 @@ class NodePerturbation(LearningRule):
             sig = torch.stack([self.local_signal(network, noisy, li, t) for t in range(T)])
             e = sig * scale.view(1, B, *([1] * (sig.dim() - 2)))
             x = torch.stack(noisy.inputs[li])
-            gw, gb = self._outer(layer, e.flatten(0, 1), x.flatten(0, 1))  # all steps in one GEMM
-            grads.append((gw, gb))
+            grads.append(layer.outer(e.flatten(0, 1), x.flatten(0, 1)))  # all steps in one GEMM
         return grads
 
-    @staticmethod
-    def _outer(layer, e: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """sum over rows of e (N, n_out[, H, W]) x^T (N, d_in[, ...]): one time step's (G_W, G_b)."""
-        if layer.kind == "linear":
-            return e.T @ x.reshape(x.shape[0], -1), e.sum(0)
-        cols = torch.nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation,
-                                          padding=layer.padding, stride=layer.stride)
-        e = e.flatten(2)
-        return torch.einsum("bcp,bdp->cd", e, cols), e.sum((0, 2))
+    def _noise(self, clean_rows: int = 0) -> Noise:
+        return Noise(self.sigma, self.site, self.dist, self.generator, clean_rows=clean_rows)
 
     def online_step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor):
         """Memory flat in T: pass 1 (clean | noisy, one batch) gives dL and the clean
@@ -119,20 +103,18 @@ class NodePerturbation(LearningRule):
         def h_clean(li, t, x, cur, mem, out, xi):
             sums[li] = x[:B] if sums[li] is None else sums[li] + x[:B]
 
-        tr = network.run(xx, noise=Noise(self.sigma, self.site, self.dist, self.generator, clean_rows=B), hook=h_clean)
+        tr = network.run(xx, noise=self._noise(B), hook=h_clean)
         l_clean, l_noisy = self.loss_fn(tr.out[:B], y), self.loss_fn(tr.out[B:], y)
         dl = l_noisy - l_clean
         scale = dl / (self.sigma ** 2 * B)
         grads: list[Any] = [None] * network.depth
 
         def h_update(li, t, x, cur, mem, out, xi):
-            layer = network.layers[li]
             sig = self.signal(network, li, xi[B:], cur[B:], mem[B:])
-            gw, gb = self._outer(layer, sig * scale.view(B, *([1] * (sig.dim() - 1))), x[B:])
-            grads[li] = (gw, gb) if grads[li] is None else (grads[li][0] + gw, grads[li][1] + gb)
+            accumulate(grads, li, *network.layers[li].outer(sig * scale.view(B, *([1] * (sig.dim() - 1))), x[B:]))
 
         self.generator.set_state(start)
-        network.run(xx, noise=Noise(self.sigma, self.site, self.dist, self.generator, clean_rows=B), hook=h_update)
+        network.run(xx, noise=self._noise(B), hook=h_update)
         clean = Trace(out=tr.out[:B], inputs=[[s / T] for s in sums])
         return clean, grads, dl, l_clean
 
@@ -140,12 +122,10 @@ class NodePerturbation(LearningRule):
     def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         if self.online:
             clean, raw, dl, l_clean = self.online_step(network, x_seq, y)
-            grads = self.transform(network, clean, raw)
-            self.write_grads(network, grads)
-            return {"loss": float(l_clean.mean()), "out": clean.out, "mean_abs_dl": float(dl.abs().mean())}
-        clean, noisy, dl, l_clean = self.perturbed_passes(network, x_seq, y)
-        grads = self.transform(network, clean, self.estimate(network, noisy, dl))
-        self.write_grads(network, grads)
+        else:
+            clean, noisy, dl, l_clean = self.perturbed_passes(network, x_seq, y)
+            raw = self.estimate(network, noisy, dl)
+        self.write_grads(network, self.transform(network, clean, raw))
         return {"loss": float(l_clean.mean()), "out": clean.out, "mean_abs_dl": float(dl.abs().mean())}
 
     def transform(self, network: SpikingNetwork, clean: Trace, grads):
