@@ -21,6 +21,7 @@ import torch
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Dataset, Split, batches, load_dataset
+from .diagnostics import alignment
 from .encoding import encode
 from .errors import LocosnnError, NonFiniteError
 from .losses import per_sample_loss
@@ -145,7 +146,6 @@ class Trainer:
         for step, (x, y) in enumerate(it):
             x_seq = encode(x, cfg.T, cfg.encoder, self.enc_gen)
             if cfg.align_every and step % cfg.align_every == 0:
-                from .diagnostics import alignment
                 aligns.append(alignment(self.rule, self.net, x_seq, y))
             t_step = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
