@@ -10,9 +10,9 @@ setup:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
-	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
-	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
-	  echo "WARNING: could not install dataset-fashion-mnist (need root: sudo apt-get install dataset-fashion-mnist)"; fi
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || ! command -v chromium >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium) || \
+	  echo "WARNING: could not install dataset-fashion-mnist chromium (need root: sudo apt-get install dataset-fashion-mnist chromium)"; fi
 
 test:
 	$(BIN)/python -m pytest -q

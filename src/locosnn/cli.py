@@ -6,12 +6,18 @@ input, 3 for a diverged run) without a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import LocosnnError
+
+#: modules that add a subcommand: each has ``add_parser(sub)``, which calls
+#: ``p.set_defaults(func=f)`` with ``f(args) -> int`` (one module per line)
+COMMAND_MODULES: list[str] = [
+]
 
 EPILOG = """examples:
   locosnn train --rule bptt --dataset fashion-mnist --arch 784-500-500-10 --epochs 10 --out runs/bptt
@@ -139,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="run directory written by `locosnn train`")
     e.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default test)")
     e.add_argument("--data-dir", dest="data_dir", help="override the dataset directory")
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).add_parser(sub)
     return p
 
 
@@ -151,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        if args.command in ("train", "eval"):
+            return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return int(args.func(args))
     except LocosnnError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -17,6 +17,7 @@ for every rule, so a cosine near +1 means "the rule agrees with BPTT".
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Optional
 
 import torch
@@ -95,3 +96,16 @@ def estimate_variance(rule: LearningRule, network: SpikingNetwork, x_seq: torch.
         rows.append({"layer": li, "draws": draws, "cos_mean": _cos(mean, ref[li]),
                      "cos_single": sum(_cos(g, ref[li]) for g in G) / draws, "rel_var": rel_var})
     return rows
+
+
+def angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Angle in degrees between two tensors of the same number of elements, seen as flat
+    vectors (0: same direction, 90: orthogonal, 180: opposite). Used for angle(B, W^T)."""
+    if a.numel() != b.numel():
+        raise ValueError(f"angle_deg needs equal sizes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    den = a.norm() * b.norm()
+    if float(den) == 0.0:
+        return float("nan")
+    c = float((a @ b) / den)
+    return math.degrees(math.acos(max(-1.0, min(1.0, c))))

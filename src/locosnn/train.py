@@ -181,6 +181,7 @@ class Trainer:
             t0 = time.perf_counter()
             row: dict[str, Any] = {"epoch": self.epoch + 1}
             row.update(self.train_epoch())
+            row.update({f"rule_{k}": v for k, v in self.rule.end_epoch(self.net).items()})
             t_train = time.perf_counter() - t0
             val = evaluate(self.net, self.data.val, self.cfg) if len(self.data.val) else {"acc": float("nan"), "loss": float("nan")}
             test = evaluate(self.net, self.data.test, self.cfg)

@@ -43,6 +43,11 @@ class LearningRule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def end_epoch(self, network: SpikingNetwork) -> dict[str, Any]:
+        """Called by the trainer after each training epoch, before evaluation (e.g. SAL's
+        feedback-alignment phase). Returns numbers or per-layer lists to log as ``rule_<key>``."""
+        return {}
+
     @staticmethod
     def write_grads(network: SpikingNetwork, grads: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         """Write per-layer (dW, db) into .grad (replacing any previous value)."""

@@ -169,6 +169,17 @@ class FA(_OnlineFeedback):
             fan_in = layer.weight[0].numel()
             self.B.append(torch.randn(layer.weight.shape, generator=self.generator) / fan_in ** 0.5)
 
+    def feedback_angles(self, network: SpikingNetwork) -> list[float]:
+        """angle(B_l, W_l) in degrees for the layers whose B carries the error down (l >= 1):
+        B_l plays W_l^T's role, so this is angle(B_l^T, W_l^T); ~90 for random B, 0 for W^T."""
+        from ..diagnostics import angle_deg
+        if not self.B:
+            return []
+        return [angle_deg(self._matrix(network, k), network.layers[k].weight) for k in range(1, network.depth)]
+
+    def end_epoch(self, network: SpikingNetwork) -> dict[str, Any]:
+        return {"angle_deg": self.feedback_angles(network)} if self.B else {}
+
     def _matrix(self, network: SpikingNetwork, k: int) -> torch.Tensor:
         return network.layers[k].weight.detach() if self.feedback == "transpose" else self.B[k]
 
