@@ -65,7 +65,8 @@ def test_bptt_learns_synthetic_data():
 
 
 @pytest.mark.parametrize("rule,args", [("bptt", {}), ("np", {}), ("loco", {"rank": 8, "memory": 40}),
-                                       ("loco", {"rank": 8, "variant": "faithful"})])
+                                       ("loco", {"rank": 8, "variant": "faithful"}), ("sfdfa", {}),
+                                       ("opzo", {})])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, rule, args):
     """Rule state (noise generator, LOCO cluster memory) travels with the checkpoint."""
     cfg = TrainConfig(rule=rule, encoder="rate", **{**SMALL, "epochs": 3, "rule_args": args})

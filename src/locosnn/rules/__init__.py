@@ -9,8 +9,10 @@ from .bptt import BPTT
 from .fa_dfa import DFA, FA, OPZO
 from .loco import LOCO
 from .np import NodePerturbation
+from .sfdfa import SFDFA
 
-RULES: dict[str, type[LearningRule]] = {"bptt": BPTT, "np": NodePerturbation, "loco": LOCO, "fa": FA, "dfa": DFA, "opzo": OPZO}
+RULES: dict[str, type[LearningRule]] = {"bptt": BPTT, "np": NodePerturbation, "loco": LOCO, "fa": FA, "dfa": DFA, "opzo": OPZO,
+                                   "sfdfa": SFDFA}
 
 
 def make_rule(name: str, **kwargs: Any) -> LearningRule:
@@ -29,4 +31,4 @@ def make_rule(name: str, **kwargs: Any) -> LearningRule:
     return cls(**kwargs)
 
 
-__all__ = ["LearningRule", "BPTT", "DFA", "FA", "LOCO", "NodePerturbation", "OPZO", "RULES", "make_rule"]
+__all__ = ["LearningRule", "BPTT", "DFA", "FA", "LOCO", "NodePerturbation", "OPZO", "RULES", "SFDFA", "make_rule"]
