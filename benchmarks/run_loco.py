@@ -45,6 +45,7 @@ RULES = {  # name -> (rule, rule_args)
     "dfa": ("dfa", {}),
     "opzo": ("opzo", {}),
     "opzo-clean": ("opzo", {"clean_reference": True}),
+    "sfdfa": ("sfdfa", {}),
 }
 BASE = dict(dataset="fashion-mnist", limit=20000, T=8, batch_size=128, seed=0)
 

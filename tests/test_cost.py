@@ -55,3 +55,42 @@ def test_state_bytes_counts_nested_tensors():
     for _ in range(6):
         rule.step(net, x, y)
     assert state_bytes(rule.state_dict()) == full  # ... up to its size, then stays flat
+
+
+def test_step_probe_counts_passes_and_synaptic_operations_exactly():
+    from locosnn.cost import DEFAULT_METRICS, StepProbe, SynapticOps
+
+    torch.manual_seed(0)
+    net = SpikingNetwork("10-4")
+    xs = (torch.rand(3, 5, 10) < 0.3).float()
+    y = torch.zeros(5, dtype=torch.long)
+    probe = StepProbe(make_rule("bptt"), net, xs, y)
+    assert probe.rows == 5 and probe.calls == 1
+    assert SynapticOps()(probe, None, net, xs, y) == float(xs.count_nonzero()) * 4 / 5
+    assert net.run.__func__ is SpikingNetwork.run  # instrumentation removed after the step
+    # passes per update, measured: NP runs clean + noisy rows, DFA forward + replay, SFDFA one pass
+    for rule, passes in (("np", 2), ("dfa", 2), ("sfdfa", 1), ("bptt", 1)):
+        p = StepProbe(make_rule(rule), SpikingNetwork("10-6-4"), xs, y)
+        assert p.rows / p.batch == passes, rule
+    assert {m.name for m in (c() for c in DEFAULT_METRICS)} >= {"forward_passes", "update_stages",
+                                                                 "synops_per_sample", "rule_state_bytes"}
+
+
+def test_rule_state_bytes_are_the_feedback_matrices_and_the_generator():
+    from locosnn.cost import StepProbe
+
+    net = SpikingNetwork("10-6-5-4")
+    xs = (torch.rand(3, 5, 10) < 0.3).float()
+    rule = make_rule("dfa")
+    probe = StepProbe(rule, net, xs, torch.zeros(5, dtype=torch.long))
+    gen = rule.generator.get_state().numel()
+    assert probe.state_bytes == (6 * 4 + 5 * 4) * 4 + gen
+
+
+def test_measure_cell_reports_every_metric():
+    from locosnn.cost import measure_cell
+
+    row = measure_cell(dict(rule="sfdfa", dataset="synthetic", arch="64-16-16-10", T=4, batch_size=16), repeats=2)
+    assert row["forward_passes"] == 1 and row["update_stages"] == 1 and row["hidden_layers"] == 2
+    assert row["dense_macs_per_sample"] > row["synops_per_sample"] > 0  # spikes are sparse; tangent counted
+    assert row["step_s"] > 0 and row["rule_state_bytes"] > 0

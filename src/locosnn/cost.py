@@ -165,3 +165,196 @@ def state_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(state_bytes(v) for v in obj)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost-of-learning metrics (NeuroBench-style metric objects; no dependency on another SNN library)
+# ---------------------------------------------------------------------------------------------
+
+class StepProbe:
+    """Runs one training step of ``rule`` on ``network`` and records what it cost.
+
+    Counted while the step runs (the optimiser step included when ``opt`` is given):
+    forward passes (calls of ``network.run`` weighted by the rows they carry, divided by the
+    batch size: a concatenated clean+noisy pass of 2B rows counts 2), synaptic operations
+    of those passes (per layer call: accumulate ops = nonzero presynaptic events x fan-out,
+    as NeuroBench counts ACs for spiking inputs; dense MACs = all presynaptic values x
+    fan-out), wall time, and the rule's state bytes after the step."""
+
+    def __init__(self, rule: LearningRule, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor,
+                 opt: torch.optim.Optimizer | None = None) -> None:
+        import time
+        self.batch = x_seq.shape[1]
+        self.rows = 0
+        self.calls = 0
+        self.syn_acs = 0.0
+        self.syn_macs = 0.0
+        run, currents = network.run, []
+
+        def counting_run(xs: torch.Tensor, *a: Any, **k: Any):
+            self.calls += 1
+            self.rows += xs.shape[1]
+            return run(xs, *a, **k)
+
+        def wrap(layer: Any):
+            orig = layer.current
+
+            def current(x: torch.Tensor) -> torch.Tensor:
+                fan_out = _fan_out(layer)
+                self.syn_acs += float((x != 0).sum()) * fan_out
+                self.syn_macs += float(x.numel()) * fan_out
+                return orig(x)
+            currents.append((layer, orig))
+            layer.current = current
+
+        network.run = counting_run  # type: ignore[method-assign]
+        for layer in network.layers:
+            wrap(layer)
+        try:
+            t0 = time.perf_counter()
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            self.report = rule.step(network, x_seq, y)
+            if opt is not None:
+                opt.step()
+            self.wall_s = time.perf_counter() - t0
+        finally:
+            del network.run
+            for layer, _ in currents:
+                del layer.current
+        self.state_bytes = state_bytes(rule.state_dict())
+
+
+def _fan_out(layer: Any) -> float:
+    """Synapses leaving one presynaptic value: out_features (linear), or out_channels x
+    kernel area / stride area (conv, the average over positions)."""
+    if getattr(layer, "kind", "linear") == "linear":
+        return float(layer.weight.shape[0])
+    kh, kw = layer.kernel_size
+    sh, sw = layer.stride
+    return float(layer.weight.shape[0] * kh * kw) / (sh * sw)
+
+
+class CostMetric:
+    """A cost-of-learning metric: ``metric(probe, rule, network, x_seq, y) -> number``."""
+
+    name = "metric"
+    unit = ""
+
+    def __call__(self, probe: StepProbe, rule: LearningRule, network: SpikingNetwork, x_seq: torch.Tensor,
+                 y: torch.Tensor) -> float:
+        raise NotImplementedError
+
+
+class ForwardPasses(CostMetric):
+    """Forward passes over the batch per update (measured: rows through ``network.run`` / batch)."""
+    name, unit = "forward_passes", "passes"
+
+    def __call__(self, probe, rule, network, x_seq, y):
+        return probe.rows / probe.batch
+
+
+class UpdateStages(CostMetric):
+    """Sequential update stages after the forward pass(es) (see :func:`update_stages`)."""
+    name, unit = "update_stages", "stages"
+
+    def __call__(self, probe, rule, network, x_seq, y):
+        fresh = copy.deepcopy(rule)
+        return update_stages(fresh, network, x_seq[:, :16], y[:16])
+
+
+class SynapticOps(CostMetric):
+    """Synaptic accumulate operations (nonzero presynaptic events x fan-out) of every forward pass
+    of one update, per sample."""
+    name, unit = "synops_per_sample", "ops"
+
+    def __call__(self, probe, rule, network, x_seq, y):
+        return probe.syn_acs / probe.batch
+
+
+class DenseMACs(CostMetric):
+    """Dense multiply-accumulates of the same passes, per sample (what a non-event-driven chip does)."""
+    name, unit = "dense_macs_per_sample", "MACs"
+
+    def __call__(self, probe, rule, network, x_seq, y):
+        # rules that push extra dense products outside network.run (SFDFA's forward-mode tangent)
+        # report them as ``extra_macs`` (whole batch)
+        return (probe.syn_macs + float(probe.report.get("extra_macs", 0.0))) / probe.batch
+
+
+class RuleStateBytes(CostMetric):
+    """Bytes of rule-owned state after the step: feedback matrices, projector memory, momentum."""
+    name, unit = "rule_state_bytes", "bytes"
+
+    def __call__(self, probe, rule, network, x_seq, y):
+        return probe.state_bytes
+
+
+class StepWallTime(CostMetric):
+    """Wall time of one training step (rule + optimiser), seconds."""
+    name, unit = "step_s", "s"
+
+    def __call__(self, probe, rule, network, x_seq, y):
+        return probe.wall_s
+
+
+DEFAULT_METRICS: tuple[type[CostMetric], ...] = (ForwardPasses, UpdateStages, SynapticOps, DenseMACs,
+                                                   RuleStateBytes, StepWallTime)
+
+
+def measure_cell(settings: dict[str, Any], repeats: int = 5) -> dict[str, Any]:
+    """Measure the cost of learning of one configuration (a sweep "cost" cell).
+
+    settings: TrainConfig fields (rule, rule_args, arch, T, batch_size, dataset, neuron, ...).
+    A real batch of ``batch_size`` training samples of ``dataset``, 2 warm-up steps, then
+    ``repeats`` measured steps: the medians of wall time, and the peak resident memory a step
+    adds (sampled every 0.5 ms) over the memory before the first step. Run it in a fresh
+    process with one thread for comparable numbers (the sweep does)."""
+    import resource
+    import statistics
+    import threading
+
+    from .config import TrainConfig
+    from .data import load_dataset
+    from .encoding import encode
+    from .rules import make_rule
+    from .train import build_network, build_optimizer
+
+    cfg = TrainConfig.from_dict({k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__})
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
+    x = data.train.x[: cfg.batch_size].float().clone()
+    y = data.train.y[: cfg.batch_size].clone()
+    del data
+    net = build_network(cfg)
+    rule = make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
+    opt = build_optimizer(cfg, net)
+    xs = encode(x, cfg.T, cfg.encoder, torch.Generator().manual_seed(cfg.seed + 1))
+
+    def rss_kb() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+
+    base = rss_kb()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_kb())
+            stop.wait(0.0005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    probes = [StepProbe(rule, net, xs, y, opt) for _ in range(2 + repeats)][2:]
+    stop.set()
+    th.join()
+    probe = probes[-1]
+    row: dict[str, Any] = {}
+    for metric_cls in DEFAULT_METRICS:
+        m = metric_cls()
+        row[m.name] = m(probe, rule, net, xs, y)
+    row["step_s"] = statistics.median(p.wall_s for p in probes)
+    row["step_peak_mb"] = (peak[0] - base) / 1024
+    row["hidden_layers"] = net.depth - 1
+    row["n_params"] = sum(p.numel() for p in net.parameters())
+    return row

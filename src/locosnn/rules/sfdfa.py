@@ -177,7 +177,9 @@ class SFDFA(LearningRule):
         grads = [self.contract(res, li, deltas[li]) for li in range(L)]
         self.update_feedback(res["tangents"], res["d"])
         self.write_grads(network, grads)
-        return {"loss": float(loss.mean()), "out": out}
+        # the tangent's dense products (layers 1..L-1, every step), for the cost metrics
+        macs = T * n * sum(layer.weight.numel() for layer in network.layers[1:])
+        return {"loss": float(loss.mean()), "out": out, "extra_macs": float(macs)}
 
     def forward_pass(self, network: SpikingNetwork, x_seq: torch.Tensor,
                      tangents: Optional[list[torch.Tensor]] = None) -> dict[str, Any]:
