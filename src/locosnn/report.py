@@ -1,0 +1,726 @@
+"""``locosnn report RESULTS...``: figures and tables from sweep output directories.
+
+Reads ``results.csv`` and ``meta.json`` of one or more ``locosnn bench`` output directories and
+writes, into ``--out`` (default ``RESULTS/report`` of the first directory):
+
+* ``report.html``: self-contained (figures embedded as base64 PNG, inline CSS, nothing external);
+* ``report.md``: the same content in Markdown, its figures linked as ``figures/*.png``;
+* ``figures/*.png``.
+
+Sections, each only when its data exists (otherwise a one-line note says why it is omitted):
+
+* accuracy vs epoch per rule (train cells at the default arch: ``784-500-500-10`` when present,
+  else the most common one; for each rule label its best setting by final validation
+  accuracy, mean over seeds with a min-max band);
+* final test accuracy vs depth per rule (one figure per grid whose cells vary in depth; at each
+  depth the rule's best setting by validation accuracy, mean and std over seeds);
+* continual learning: the accuracy matrix R[after task, eval task] as a heat map per rule and
+  setting (the task-agnostic mode by default: ``--cl-mode``), and a table of ACC, BWT and
+  forgetting computed from the matrices (ACC = mean final-row accuracy; BWT = mean over tasks
+  but the last of R[T-1, j] - R[j, j]; forgetting = mean over the same tasks of
+  max_{j <= i < T-1} R[i, j] - R[T-1, j]);
+* per-layer cosine of each rule's update with the BPTT gradient over training (``align_cos``);
+* cost vs depth and vs T from cost cells (step time, update stages, state bytes, ... whatever
+  numbers ``measure_cell`` returned), and a cost table;
+* feedback angle per layer over epochs (``rule_angle_deg``, e.g. FA's angle(B, W^T));
+* a table of the best test accuracy per rule (chosen by validation accuracy, never by test).
+
+Every figure is captioned with the command(s) and git SHA(s) that produced its data.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import LocosnnError
+
+DEFAULT_ARCH = "784-500-500-10"
+#: columns that describe a cell rather than measure it
+SETTING_COLUMNS = {
+    "grid", "cell", "kind", "rule_name", "status", "rule", "arch", "depth", "width", "T", "seed", "lr", "epochs",
+    "dataset", "batch_size", "optimizer", "weight_decay", "encoder", "neuron", "beta", "theta", "surrogate", "slope",
+    "readout", "init", "init_gain", "loss", "data_dir", "val_size", "limit", "align_every", "rule_args", "config_id",
+    "params", "git_sha", "wall_s", "source", "stream", "n_tasks", "replay", "eval", "epoch", "after_task",
+    "eval_task", "mode", "acc",
+}
+PREFERRED_COST = ("step_time_s", "update_stages", "state_bytes", "peak_rss_mb", "forward_passes", "flops")
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{font-size:1.6em;border-bottom:2px solid #ddd;padding-bottom:.2em}h2{font-size:1.25em;margin-top:2em;
+border-bottom:1px solid #eee}
+figure{margin:1.2em 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.85em;color:#555;margin-top:.3em}
+table{border-collapse:collapse;font-size:.85em;margin:.8em 0}th,td{border:1px solid #ddd;padding:.25em .6em;
+text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.note{color:#777;font-style:italic}code{background:#f6f6f6;padding:0 .2em}
+.sources{font-size:.85em;color:#444}
+"""
+
+
+# -- data --------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def command(self) -> str:
+        return str(self.meta.get("command") or "unknown command")
+
+    @property
+    def sha(self) -> str:
+        return str(self.meta.get("git_sha") or "unknown")
+
+
+@dataclass
+class Section:
+    title: str
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    tables: list[tuple[list[str], list[list[str]], str]] = field(default_factory=list)  # header, rows, caption
+    notes: list[str] = field(default_factory=list)
+
+
+def _pd():
+    try:
+        import pandas as pd
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LocosnnError("locosnn report needs pandas and matplotlib: pip install 'locosnn[plot]'") from None
+    return pd
+
+
+def load_results(dirs: list[str | Path]):
+    """(DataFrame of every row of every results.csv, [Source]); a ``source`` column indexes the list."""
+    pd = _pd()
+    frames, sources = [], []
+    for i, d in enumerate(dirs):
+        d = Path(d)
+        res = d / "results.csv"
+        if not d.is_dir():
+            raise LocosnnError(f"{d} is not a directory (pass the output directory of `locosnn bench`)")
+        if not res.exists():
+            raise LocosnnError(f"{d} holds no results.csv (is it the output directory of `locosnn bench`?)")
+        meta: dict[str, Any] = {}
+        if (d / "meta.json").exists():
+            try:
+                meta = json.loads((d / "meta.json").read_text())
+            except json.JSONDecodeError:
+                meta = {}
+        sources.append(Source(d, meta))
+        try:
+            df = pd.read_csv(res)
+        except pd.errors.EmptyDataError:
+            continue
+        df["source"] = i
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(df):
+        # hand-written or older tables: fill the bookkeeping columns the sections rely on
+        if "kind" not in df:
+            df["kind"] = "train"
+        if "rule_name" not in df:
+            df["rule_name"] = df["rule"] if "rule" in df else "?"
+        if "cell" not in df:
+            df["cell"] = [f"row{i}" for i in range(len(df))]
+        if "config_id" not in df:
+            df["config_id"] = df["cell"]
+        for col in ("grid", "params", "arch"):
+            if col not in df:
+                df[col] = ""
+        if "depth" not in df:
+            from .sweep import _shape
+            df["depth"] = [_shape(str(a))[0] for a in df["arch"]]
+    for col in ("kind", "rule_name", "grid", "cell", "arch", "config_id", "params", "git_sha", "mode", "rule_args"):
+        if col in df:
+            df[col] = df[col].astype("string").fillna("")
+    return df, sources
+
+
+def _lists(series) -> list[Optional[list[float]]]:
+    out = []
+    for v in series:
+        if isinstance(v, str) and v.strip().startswith("["):
+            try:
+                out.append([float(x) if x is not None else math.nan for x in json.loads(v)])
+                continue
+            except (json.JSONDecodeError, TypeError, ValueError):
+                pass
+        out.append(None)
+    return out
+
+
+def _short_sha(sha: str) -> str:
+    sha = str(sha)
+    return sha[:10] + ("-dirty" if sha.endswith("-dirty") else "") if sha and sha != "nan" else "unknown"
+
+
+def caption(df, sources: list[Source], what: str) -> str:
+    """``what`` + the commands and git SHAs that produced the rows of ``df``."""
+    idx = sorted({int(s) for s in df["source"].dropna()}) if "source" in df and len(df) else range(len(sources))
+    cmds = [sources[i].command for i in idx]
+    shas = sorted({_short_sha(s) for s in df["git_sha"].dropna() if str(s)}) if "git_sha" in df else []
+    if not shas:
+        shas = sorted({_short_sha(sources[i].sha) for i in idx})
+    return f"{what} Data: {'; '.join(dict.fromkeys(cmds))} @ {', '.join(shas) or 'unknown'}."
+
+
+# -- selection helpers -------------------------------------------------------------------------------
+def _final(train):
+    """Last epoch of each train cell."""
+    return train.sort_values("epoch").groupby("cell", sort=False).tail(1)
+
+
+def _score_col(final) -> str:
+    for c in ("val_acc", "train_acc", "test_acc"):
+        if c in final and final[c].notna().any():
+            return c
+    return "test_acc"
+
+
+def _best_config(final) -> tuple[str, str]:
+    """(config_id, score column) of the setting with the best mean final validation accuracy."""
+    col = _score_col(final)
+    key = "config_id" if "config_id" in final else "cell"
+    means = final.groupby(key)[col].mean()
+    return str(means.idxmax()) if len(means.dropna()) else str(final[key].iloc[0]), col
+
+
+def _default_arch(train) -> str:
+    counts = train.groupby("arch")["cell"].nunique()
+    if DEFAULT_ARCH in counts.index:
+        return DEFAULT_ARCH
+    return str(min(counts.index, key=lambda a: (-counts[a], str(a))))
+
+
+def _colors(names) -> dict[str, Any]:
+    from matplotlib import colormaps
+    cmap = colormaps["tab10"]
+    fixed = {"bptt": "k"}
+    out, i = {}, 0
+    for n in sorted(names):
+        if n in fixed:
+            out[n] = fixed[n]
+        else:
+            out[n] = cmap(i % 10)
+            i += 1
+    return out
+
+
+def _label_params(params: str, drop=("rule", "seed")) -> str:
+    try:
+        p = json.loads(params) if params else {}
+    except json.JSONDecodeError:
+        return params
+    return ", ".join(f"{k}={v}" for k, v in p.items() if k not in drop)
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        if pct:
+            return f"{100 * v:.2f}"
+        if v.is_integer() and abs(v) < 1e15:
+            return str(int(v))
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _setting(row, k: str) -> str:
+    v = row.get(k) if hasattr(row, "get") else None
+    try:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+    except TypeError:
+        pass
+    if isinstance(v, float) and v.is_integer() and k not in ("lr",):
+        return str(int(v))
+    return _fmt(v)
+
+
+class Figures:
+    def __init__(self, fig_dir: Path) -> None:
+        self.dir = fig_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def new(self, n: int = 1, width: float = 4.2, height: float = 3.4, sharey: bool = False, ncols: int | None = None):
+        from matplotlib.figure import Figure
+        ncols = ncols or min(n, 4)
+        nrows = math.ceil(n / ncols)
+        fig = Figure(figsize=(width * ncols, height * nrows))
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey).ravel()
+        for ax in axes[n:]:
+            ax.set_visible(False)
+        return fig, list(axes[:n])
+
+    @staticmethod
+    def integer_x(ax) -> None:
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    def save(self, fig, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(self.dir / name, dpi=100)
+        return name
+
+
+# -- sections ------------------------------------------------------------------------------------------
+def section_accuracy(df, sources, figs: Figures) -> Section:
+    sec = Section("Accuracy vs epoch")
+    train = df[df["kind"] == "train"] if "kind" in df else df.iloc[0:0]
+    if not len(train) or "test_acc" not in train or "epoch" not in train:
+        sec.notes.append("No train cells with per-epoch test accuracy: section omitted.")
+        return sec
+    train = train[train["test_acc"].notna()]
+    arch = _default_arch(train)
+    sub = train[train["arch"] == arch]
+    final = _final(sub)
+    colors = _colors(sub["rule_name"].unique())
+    fig, (ax,) = figs.new(1, width=7, height=4.5)
+    used = []
+    for name in sorted(sub["rule_name"].unique()):
+        fin = final[final["rule_name"] == name]
+        cfg, col = _best_config(fin)
+        rows = sub[(sub["rule_name"] == name) & (sub["config_id"] == cfg)]
+        used.append(rows)
+        g = rows.groupby("epoch")["test_acc"]
+        m, lo, hi = g.mean(), g.min(), g.max()
+        n_seeds = rows["cell"].nunique()
+        r0 = rows.iloc[0]
+        ax.plot(m.index, 100 * m.values, marker="o", color=colors[name],
+                label=f"{name} (lr {_setting(r0, 'lr')}, {n_seeds} seed{'s' if n_seeds > 1 else ''})")
+        if n_seeds > 1:
+            ax.fill_between(m.index, 100 * lo.values, 100 * hi.values, color=colors[name], alpha=0.15)
+    ax.set_xlabel("epoch")
+    figs.integer_x(ax)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{arch}: each rule at its best setting by validation accuracy", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    name = figs.save(fig, "accuracy_vs_epoch.png")
+    pd = _pd()
+    sec.figures.append((name, caption(pd.concat(used), sources,
+                                      f"Test accuracy per epoch at {arch}, mean over seeds (band: min-max); "
+                                      "each rule label at its best setting by final validation accuracy.")))
+    return sec
+
+
+def section_depth(df, sources, figs: Figures) -> Section:
+    sec = Section("Accuracy vs depth")
+    train = df[df["kind"] == "train"] if "kind" in df else df.iloc[0:0]
+    if not len(train) or "depth" not in train or "test_acc" not in train:
+        sec.notes.append("No train cells with a depth: section omitted.")
+        return sec
+    final = _final(train[train["depth"].notna()])
+    grids = [g for g, x in final.groupby("grid") if x["depth"].nunique() > 1]
+    if not grids:
+        sec.notes.append("No grid of train cells varies the depth: section omitted.")
+        return sec
+    for grid in grids:
+        fin = final[final["grid"] == grid]
+        colors = _colors(fin["rule_name"].unique())
+        fig, (ax,) = figs.new(1, width=7, height=4.5)
+        for name in sorted(fin["rule_name"].unique()):
+            xs, ms, ss = [], [], []
+            for depth, fd in fin[fin["rule_name"] == name].groupby("depth"):
+                cfg, _ = _best_config(fd)
+                acc = fd[fd["config_id"] == cfg]["test_acc"]
+                xs.append(int(depth))
+                ms.append(100 * acc.mean())
+                ss.append(100 * acc.std() if len(acc) > 1 else 0.0)
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, color=colors[name], label=name)
+        widths = sorted({int(w) for w in fin["width"].dropna()}) if "width" in fin else []
+        ax.set_xlabel("hidden layers" + (f" (width {', '.join(map(str, widths))})" if widths else ""))
+        ax.set_ylabel("final test accuracy (%)")
+        figs.integer_x(ax)
+        epochs = sorted({int(e) for e in fin["epoch"].dropna()})
+        ax.set_title(f"grid {grid}: after {', '.join(map(str, epochs))} epoch(s)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fname = figs.save(fig, f"accuracy_vs_depth_{_safe(grid)}.png")
+        sec.figures.append((fname, caption(fin, sources, f"Final test accuracy vs number of hidden layers, grid "
+                                           f"{grid}; per depth each rule's best setting by validation accuracy, "
+                                           "mean ± std over seeds.")))
+    return sec
+
+
+def _safe(s: str) -> str:
+    import re
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(s))
+
+
+def _matrix(rows):
+    """Accuracy matrix (list of lists, NaN where missing) from tidy continual rows of one cell/setting."""
+    after = sorted(rows["after_task"].unique())
+    ev = sorted(rows["eval_task"].unique())
+    n = max(len(after), len(ev))
+    tasks = sorted(set(after) | set(ev))
+    pos = {t: i for i, t in enumerate(tasks)}
+    M = [[math.nan] * n for _ in range(n)]
+    for (a, e), acc in rows.groupby(["after_task", "eval_task"])["acc"].mean().items():
+        M[pos[a]][pos[e]] = float(acc)
+    return M
+
+
+def cl_metrics(M: list[list[float]]) -> dict[str, float]:
+    """ACC, BWT and forgetting of an accuracy matrix M[after task][eval task]."""
+    T = len(M)
+    last = M[T - 1]
+    acc = _nanmean(last)
+    if T < 2:
+        return {"ACC": acc, "BWT": math.nan, "forgetting": math.nan}
+    bwt = _nanmean([last[j] - M[j][j] for j in range(T - 1)])
+    forg = _nanmean([max(M[i][j] for i in range(j, T - 1)) - last[j] for j in range(T - 1)])
+    return {"ACC": acc, "BWT": bwt, "forgetting": forg}
+
+
+def _nanmean(xs) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _pick_mode(modes, want: Optional[str]) -> Optional[str]:
+    modes = sorted(str(m) for m in modes)
+    if want:
+        return want if want in modes else None
+    for m in modes:
+        if "agnostic" in m:
+            return m
+    return modes[0] if modes else None
+
+
+def section_continual(df, sources, figs: Figures, mode: Optional[str] = None, max_panels: int = 16) -> Section:
+    sec = Section("Continual learning")
+    cl = df[df["kind"] == "continual"] if "kind" in df else df.iloc[0:0]
+    need = {"after_task", "eval_task", "acc"}
+    if not len(cl) or not need <= set(cl.columns):
+        sec.notes.append("No continual-learning cells: section omitted.")
+        return sec
+    cl = cl[cl["acc"].notna()].copy()
+    if "mode" not in cl:
+        cl["mode"] = "default"
+    cl["mode"] = cl["mode"].astype("string").fillna("default")
+    table = []
+    for grid, g in cl.groupby("grid"):
+        chosen = _pick_mode(g["mode"].unique(), mode)
+        if chosen is None:
+            sec.notes.append(f"Grid {grid}: no mode {mode!r} (modes: {', '.join(sorted(g['mode'].unique()))}).")
+            continue
+        keys = list(g.groupby(["rule_name", "config_id"]).groups)
+        keys.sort()
+        shown = keys[:max_panels]
+        if len(keys) > max_panels:
+            sec.notes.append(f"Grid {grid}: {len(keys)} settings, the first {max_panels} are shown as heat maps.")
+        fig, axes = figs.new(len(shown), width=3.6, height=3.4)
+        for ax, (name, cfg) in zip(axes, shown):
+            rows = g[(g["rule_name"] == name) & (g["config_id"] == cfg) & (g["mode"] == chosen)]
+            if not len(rows):
+                ax.set_visible(False)
+                continue
+            M = _matrix(rows)
+            n = len(M)
+            ax.imshow(M, vmin=0, vmax=1, cmap="viridis")
+            for i in range(n):
+                for j in range(n):
+                    if not math.isnan(M[i][j]):
+                        ax.text(j, i, f"{100 * M[i][j]:.0f}", ha="center", va="center", fontsize=7,
+                                color="w" if M[i][j] < 0.6 else "k")
+            ax.set_xticks(range(n))
+            ax.set_yticks(range(n))
+            ax.set_xticklabels([str(i + 1) for i in range(n)], fontsize=7)
+            ax.set_yticklabels([str(i + 1) for i in range(n)], fontsize=7)
+            ax.set_xlabel("evaluated on task", fontsize=8)
+            ax.set_ylabel("after training task", fontsize=8)
+            extra = _label_params(rows["params"].iloc[0]) if "params" in rows else ""
+            ax.set_title(f"{name}" + (f" ({extra})" if extra else ""), fontsize=8)
+        fname = figs.save(fig, f"continual_{_safe(grid)}.png")
+        sec.figures.append((fname, caption(g, sources, f"Accuracy matrix (%) of grid {grid}, mode {chosen}: row i = "
+                                           "after training on task i, column j = accuracy on task j; mean over "
+                                           "seeds.")))
+        for (name, cfg, m), rows in g.groupby(["rule_name", "config_id", "mode"]):
+            per_cell = [cl_metrics(_matrix(c)) for _, c in rows.groupby("cell")]
+            mean = {k: _nanmean([p[k] for p in per_cell]) for k in ("ACC", "BWT", "forgetting")}
+            extra = _label_params(rows["params"].iloc[0]) if "params" in rows else ""
+            table.append([str(grid), str(name), extra, str(m), str(len(_matrix(rows))), str(len(per_cell)),
+                          _fmt(mean["ACC"], True), _fmt(mean["BWT"], True), _fmt(mean["forgetting"], True)])
+    if table:
+        sec.tables.append((["grid", "rule", "setting", "mode", "tasks", "seeds", "ACC (%)", "BWT (%)",
+                            "forgetting (%)"], table,
+                           caption(cl, sources, "Continual-learning metrics from the accuracy matrices, "
+                                   "mean over seeds.")))
+    return sec
+
+
+def _per_layer_section(df, sources, figs: Figures, col: str, title: str, ylabel: str, fname: str, what: str,
+                       layer_label: Callable[[int], str], hline: Optional[float] = None) -> Section:
+    sec = Section(title)
+    train = df[df["kind"] == "train"] if "kind" in df else df.iloc[0:0]
+    if col not in train or not train[col].notna().any():
+        sec.notes.append(f"No train cells logged {col}: section omitted.")
+        return sec
+    train = train.copy()
+    train["_vals"] = _lists(train[col])
+    train = train[[v is not None for v in train["_vals"]]]
+    if not len(train):
+        sec.notes.append(f"No readable {col} values: section omitted.")
+        return sec
+    arch = _default_arch(train)
+    sub = train[train["arch"] == arch]
+    names = sorted(sub["rule_name"].unique())
+    fig, axes = figs.new(len(names), width=3.6, height=3.2, sharey=True)
+    used = []
+    for ax, name in zip(axes, names):
+        rows = sub[sub["rule_name"] == name]
+        cfg, _ = _best_config(_final(rows))
+        rows = rows[rows["config_id"] == cfg]
+        cell = sorted(rows["cell"].unique())[0]
+        rows = rows[rows["cell"] == cell].sort_values("epoch")
+        used.append(rows)
+        vals = list(rows["_vals"])
+        for li in range(max(len(v) for v in vals)):
+            ax.plot(rows["epoch"], [v[li] if li < len(v) else math.nan for v in vals], marker=".",
+                    label=layer_label(li))
+        if hline is not None:
+            ax.axhline(hline, color="grey", lw=0.6)
+        ax.set_title(f"{name} (lr {_setting(rows.iloc[0], 'lr')})", fontsize=8)
+        ax.set_xlabel("epoch")
+        figs.integer_x(ax)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
+    figs.save(fig, fname)
+    pd = _pd()
+    sec.figures.append((fname, caption(pd.concat(used), sources, f"{what} At {arch}, each rule's best setting by "
+                                                                 "validation accuracy, first seed.")))
+    return sec
+
+
+def section_alignment(df, sources, figs: Figures) -> Section:
+    return _per_layer_section(df, sources, figs, "align_cos", "Alignment with BPTT",
+                              "cosine(update, BPTT gradient)", "alignment.png",
+                              "Per-layer cosine between each rule's update and the BPTT gradient on the same batch, "
+                              "mean per epoch (align_cos).", lambda li: f"layer {li + 1}", hline=0.0)
+
+
+def section_angle(df, sources, figs: Figures) -> Section:
+    return _per_layer_section(df, sources, figs, "rule_angle_deg", "Feedback angle", "angle (degrees)",
+                              "feedback_angle.png",
+                              "Angle between each feedback matrix and the forward weights it stands in for, at the "
+                              "end of each epoch (rule_angle_deg, entries in logged order; 90 = unrelated).",
+                              lambda li: f"feedback {li + 1}", hline=90.0)
+
+
+def _cost_metrics(cost) -> list[str]:
+    import pandas.api.types as pt
+    cols = [c for c in cost.columns if c not in SETTING_COLUMNS and not c.startswith("_")
+            and pt.is_numeric_dtype(cost[c]) and cost[c].notna().any()]
+    pref = [c for c in PREFERRED_COST if c in cols]
+    return pref + [c for c in cols if c not in pref]
+
+
+def section_cost(df, sources, figs: Figures) -> Section:
+    sec = Section("Cost")
+    cost = df[df["kind"] == "cost"] if "kind" in df else df.iloc[0:0]
+    if not len(cost):
+        sec.notes.append("No cost cells: section omitted.")
+        return sec
+    metrics = _cost_metrics(cost)
+    if not metrics:
+        sec.notes.append("Cost cells hold no numeric measurements: section omitted.")
+        return sec
+    shown = metrics[:4]
+    colors = _colors(cost["rule_name"].unique())
+
+    def mode_of(frame, col):
+        vals = frame[col].dropna()
+        return vals.mode().iloc[0] if len(vals) else None
+
+    for x, fixed in (("depth", ("T", "width")), ("T", ("depth", "width"))):
+        if x not in cost or cost[x].nunique() < 2:
+            sec.notes.append(f"Cost cells do not vary {x}: no cost-vs-{x} figure.")
+            continue
+        sub = cost[cost[x].notna()]
+        held = []
+        for k in fixed:
+            if k in sub and sub[k].notna().any():
+                v = mode_of(sub, k)
+                sub = sub[sub[k] == v]
+                held.append(f"{k} = {int(v) if float(v).is_integer() else v}")
+        fig, axes = figs.new(len(shown), width=3.8, height=3.2)
+        for ax, m in zip(axes, shown):
+            for name in sorted(sub["rule_name"].unique()):
+                g = sub[sub["rule_name"] == name].groupby(x)[m].mean()
+                ax.plot(g.index, g.values, marker="o", color=colors[name], label=name)
+            ax.set_xlabel(x if x == "T" else "hidden layers")
+            figs.integer_x(ax)
+            ax.set_title(m, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fname = figs.save(fig, f"cost_vs_{x.lower()}.png")
+        sec.figures.append((fname, caption(sub, sources, f"Measured cost vs {x}" + (f" ({', '.join(held)})" if held
+                                                                                     else "") +
+                                           ", mean over seeds.")))
+    keys = [k for k in ("rule_name", "arch", "depth", "width", "T") if k in cost]
+    rows = []
+    for _, g in cost.groupby(keys + ["config_id"], dropna=False, sort=True):
+        r0 = g.iloc[0]
+        rows.append([_setting(r0, k) for k in keys] + [str(g["cell"].nunique())] +
+                    [_fmt(float(g[m].mean())) for m in metrics])
+    sec.tables.append(([("rule" if k == "rule_name" else k) for k in keys] + ["seeds"] + metrics, rows,
+                       caption(cost, sources, "Cost measurements, mean over seeds.")))
+    return sec
+
+
+def section_best(df, sources) -> Section:
+    sec = Section("Best test accuracy per rule")
+    train = df[df["kind"] == "train"] if "kind" in df else df.iloc[0:0]
+    if not len(train) or "test_acc" not in train:
+        sec.notes.append("No train cells: table omitted.")
+        return sec
+    final = _final(train[train["test_acc"].notna()])
+    rows = []
+    for name in sorted(final["rule_name"].unique()):
+        fin = final[final["rule_name"] == name]
+        cfg, col = _best_config(fin)
+        g = fin[fin["config_id"] == cfg]
+        r0 = g.iloc[0]
+        test = g["test_acc"]
+        val = g["val_acc"] if "val_acc" in g else test * math.nan
+        std = f" ± {100 * test.std():.2f}" if len(test) > 1 else ""
+        rows.append([name, _setting(r0, "rule"), _setting(r0, "arch"), _setting(r0, "lr"), _setting(r0, "epochs"),
+                     _setting(r0, "rule_args") if _setting(r0, "rule_args") not in ("{}",) else "",
+                     str(len(g)), _fmt(float(val.mean()), True), f"{100 * test.mean():.2f}{std}", _setting(r0, "grid")])
+    sec.tables.append((["label", "rule", "arch", "lr", "epochs", "rule_args", "seeds", "val acc (%)", "test acc (%)",
+                        "grid"], rows,
+                       caption(final, sources, "Final-epoch accuracy of each rule label's best setting, chosen by "
+                                               "validation accuracy (the test set never chooses); mean ± std over "
+                                               "seeds.")))
+    return sec
+
+
+# -- rendering -----------------------------------------------------------------------------------------
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render(sections: list[Section], sources: list[Source], out: Path, title: str) -> tuple[Path, Path]:
+    gen = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    md = [f"# {title}", "", f"Generated {gen} by `locosnn report` from:", ""]
+    hp = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+          f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+          f"<p class='sources'>Generated {gen} by <code>locosnn report</code> from:</p><ul class='sources'>"]
+    for s in sources:
+        vers = s.meta.get("versions") or {}
+        mach = s.meta.get("machine") or {}
+        when = f"{s.meta.get('started', '?')} – {s.meta.get('finished') or '?'}"
+        extra = ", ".join(f"{k} {v}" for k, v in vers.items())
+        m = f"{mach.get('platform', '')}, {mach.get('cpus', '?')} CPUs" if mach else ""
+        md.append(f"- `{s.path}`: `{s.command}` @ `{_short_sha(s.sha)}` ({when}; {extra}; {m})")
+        hp.append(f"<li><code>{html.escape(str(s.path))}</code>: <code>{html.escape(s.command)}</code> @ "
+                  f"<code>{html.escape(_short_sha(s.sha))}</code> ({html.escape(when)}; {html.escape(extra)}; "
+                  f"{html.escape(m)})</li>")
+    hp.append("</ul>")
+    md.append("")
+    for sec in sections:
+        md += [f"## {sec.title}", ""]
+        hp.append(f"<h2>{html.escape(sec.title)}</h2>")
+        for note in sec.notes:
+            md += [f"*{note}*", ""]
+            hp.append(f"<p class='note'>{html.escape(note)}</p>")
+        for name, cap in sec.figures:
+            data = base64.b64encode((out / "figures" / name).read_bytes()).decode()
+            md += [f"![{sec.title}](figures/{name})", "", f"*{cap}*", ""]
+            hp.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(name)}' "
+                      f"data-file='figures/{html.escape(name)}'><figcaption>{html.escape(cap)}</figcaption></figure>")
+        for header, rows, cap in sec.tables:
+            md += [_md_table(header, rows), "", f"*{cap}*", ""]
+            hp.append(_html_table(header, rows) + f"<p class='note'>{html.escape(cap)}</p>")
+    hp.append("</body></html>")
+    html_path, md_path = out / "report.html", out / "report.md"
+    from .checkpoint import atomic_write_bytes
+    h, m = "\n".join(hp).encode(), "\n".join(md).encode()
+    atomic_write_bytes(html_path, lambda f: f.write(h))
+    atomic_write_bytes(md_path, lambda f: f.write(m))
+    return html_path, md_path
+
+
+def build_report(results: list[str | Path], out: str | Path | None = None, cl_mode: Optional[str] = None,
+                 title: str = "locosnn results") -> dict[str, Any]:
+    """Write report.html, report.md and figures/*.png; returns their paths and the sections' notes."""
+    if not results:
+        raise LocosnnError("give at least one sweep output directory")
+    df, sources = load_results(list(results))
+    out = Path(out) if out else Path(results[0]) / "report"
+    figs = Figures(out / "figures")
+    for old in figs.dir.glob("*.png"):  # a figure whose data is gone must not linger
+        old.unlink()
+    builders: list[tuple[str, Callable[[], Section]]] = [
+        ("Best test accuracy per rule", lambda: section_best(df, sources)),
+        ("Accuracy vs epoch", lambda: section_accuracy(df, sources, figs)),
+        ("Accuracy vs depth", lambda: section_depth(df, sources, figs)),
+        ("Continual learning", lambda: section_continual(df, sources, figs, cl_mode)),
+        ("Alignment with BPTT", lambda: section_alignment(df, sources, figs)),
+        ("Feedback angle", lambda: section_angle(df, sources, figs)),
+        ("Cost", lambda: section_cost(df, sources, figs)),
+    ]
+    sections = []
+    for title_, fn in builders:
+        if not len(df):
+            sections.append(Section(title_, notes=["No finished cells yet: section omitted."]))
+            continue
+        try:
+            sections.append(fn())
+        except Exception as e:  # a malformed column must not lose the rest of the report
+            print(f"warning: report section {title_!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            sections.append(Section(title_, notes=[f"Section failed ({type(e).__name__}: {e}): omitted."]))
+    html_path, md_path = render(sections, sources, out, title)
+    return {"html": html_path, "md": md_path, "figures": [out / "figures" / f for s in sections for f, _ in s.figures],
+            "notes": [n for s in sections for n in s.notes], "sections": sections}
+
+
+# -- the command line ---------------------------------------------------------------------------------
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="figures and tables (HTML + Markdown) from sweep results",
+                       description="Build a report from one or more `locosnn bench` output directories: "
+                                   "report.html (self-contained: figures embedded, no external resources), "
+                                   "report.md (a Markdown twin linking figures/*.png) and figures/*.png. "
+                                   "Sections: best accuracy per rule, accuracy vs epoch, accuracy vs depth, "
+                                   "continual-learning accuracy matrices with ACC/BWT/forgetting, alignment with "
+                                   "BPTT, feedback angles, cost vs depth and T. Sections without data are omitted "
+                                   "with a note.",
+                       epilog="examples:\n  locosnn report runs/sweep\n"
+                              "  locosnn report runs/accuracy runs/continual --out docs/report\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="sweep output directory (holds results.csv and meta.json); several are merged")
+    p.add_argument("--out", help="report directory (default: RESULTS/report of the first directory)")
+    p.add_argument("--cl-mode", dest="cl_mode",
+                   help="continual-learning evaluation mode shown in the heat maps (default: the task-agnostic one)")
+    p.add_argument("--title", default="locosnn results", help="report title (default: %(default)s)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    res = build_report(args.results, out=args.out, cl_mode=args.cl_mode, title=args.title)
+    print(f"wrote {res['html']} and {res['md']} ({len(res['figures'])} figures)")
+    return 0

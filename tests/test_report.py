@@ -1,0 +1,207 @@
+"""The report: figures, tables, self-contained HTML and its Markdown twin (locosnn.report)."""
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+import locosnn.cost
+from locosnn.cli import main
+from locosnn.errors import LocosnnError
+from locosnn.report import build_report, cl_metrics
+from locosnn.sweep import run_sweep
+
+SWEEP = textwrap.dedent("""
+    [base]
+    dataset = "synthetic"
+    arch_template = "64-{width}x{depth}-10"
+    T = 2
+    batch_size = 100
+    val_size = 100
+    limit = 200
+    epochs = 2
+    align_every = 2
+    [rules.bptt]
+    lr = 3e-3
+    [rules.fa]
+    lr = 1e-3
+
+    [[grid]]
+    name = "depth"
+    rule = ["bptt", "fa"]
+    depth = [1, 2]
+    width = 16
+
+    [[grid]]
+    name = "cl"
+    kind = "continual"
+    rule = ["bptt", "fa"]
+    depth = 1
+    width = 16
+    stream = "split"
+    n_tasks = 3
+
+    [[grid]]
+    name = "cost"
+    kind = "cost"
+    rule = ["bptt", "fa"]
+    depth = [1, 2]
+    width = 16
+    T = [2, 4]
+""")
+
+FIGURES = ["accuracy_vs_epoch.png", "accuracy_vs_depth_depth.png", "continual_cl.png", "alignment.png",
+           "feedback_angle.png", "cost_vs_depth.png", "cost_vs_t.png"]
+
+
+def fake_run_continual(settings, out, resume=False, progress=True):
+    n, fa = settings["n_tasks"], settings["rule"] == "fa"
+    R = {m: [[(0.95 - (0.2 if fa else 0.1) * (i - j) - (0.1 if m == "task-agnostic" else 0)) if j <= i else 0.1
+              for j in range(n)] for i in range(n)] for m in ("task-aware", "task-agnostic")}
+    with open(out / "results.csv", "w") as f:
+        f.write("after_task,eval_task,mode,acc\n")
+        for m, M in R.items():
+            for i, row in enumerate(M):
+                for j, a in enumerate(row):
+                    f.write(f"{i},{j},{m},{a}\n")
+    (out / "matrix.json").write_text(json.dumps(R))
+    return {"R": R}
+
+
+def fake_measure_cell(settings):
+    L = int(settings["arch"].split("x")[1].split("-")[0])
+    fa = settings["rule"] == "fa"
+    return {"step_time_s": 0.001 * settings["T"] * (L + 1), "update_stages": L + 1 if not fa else L + 1,
+            "state_bytes": 4096 * (L + 1) * (2 if fa else 1), "forward_passes": 1}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A real sweep output directory: train cells (run), continual and cost cells (faked callees)."""
+    tmp = tmp_path_factory.mktemp("report")
+    mp = pytest.MonkeyPatch()
+    mp.setitem(sys.modules, "locosnn.continual", types.SimpleNamespace(run_continual=fake_run_continual))
+    mp.setattr(locosnn.cost, "measure_cell", fake_measure_cell, raising=False)
+    try:
+        cfg = tmp / "sweep.toml"
+        cfg.write_text(f'out = "{tmp / "sweep"}"\n' + SWEEP)
+        s = run_sweep(cfg, workers=0, echo=lambda *a: None, command=f"locosnn bench {cfg}")
+        assert len(s["ran"]) == 4 + 2 + 8 and not s["errors"]
+    finally:
+        mp.undo()
+    return tmp / "sweep"
+
+
+@pytest.fixture(scope="module")
+def report(results, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rep") / "report"
+    return build_report([results], out=out), out
+
+
+def test_every_figure_is_written_and_referenced_in_html_and_md(report, results):
+    res, out = report
+    names = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert names == sorted(FIGURES)
+    assert not [n for n in res["notes"] if "failed" in n.lower()]
+    html = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for name in FIGURES:
+        assert f"![" in md and f"(figures/{name})" in md
+        assert f"data-file='figures/{name}'" in html
+        png = (out / "figures" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and base64.b64encode(png).decode() in html  # embedded, not linked
+    # self-contained: no external resources
+    assert not re.search(r"""(src|href)=['"](?!data:)""", html) and "<link" not in html and "<script" not in html
+    # captions carry the command and the git SHA of the data
+    meta = json.loads((results / "meta.json").read_text())
+    sha = meta["git_sha"][:10]
+    assert html.count("locosnn bench") >= len(FIGURES) and html.count(sha) >= len(FIGURES)
+    assert md.count(sha) >= len(FIGURES)
+    # tables
+    for title in ("Best test accuracy per rule", "Continual learning", "Cost"):
+        assert f"## {title}" in md and f"<h2>{title}</h2>" in html
+    assert "ACC (%)" in md and "BWT (%)" in md and "forgetting (%)" in md and "step_time_s" in md
+    assert md.count("| bptt |") >= 3 and md.count("| fa |") >= 3
+
+
+def test_continual_metrics_from_the_matrix():
+    M = [[0.9, 0.1, 0.1], [0.7, 0.8, 0.1], [0.5, 0.6, 0.9]]
+    m = cl_metrics(M)
+    assert m["ACC"] == pytest.approx((0.5 + 0.6 + 0.9) / 3)
+    assert m["BWT"] == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.5) + (0.8 - 0.6)) / 2)
+    assert cl_metrics([[0.7]])["ACC"] == 0.7
+
+
+def test_continual_table_values(report):
+    res, out = report
+    md = (out / "report.md").read_text()
+    # bptt (decay 0.1 per task), task-agnostic: final row 0.65 0.75 0.85 -> ACC 75.00, BWT -15.00
+    row = next(line for line in md.splitlines() if line.startswith("| cl | bptt |") and "task-agnostic" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6:9] == ["75.00", "-15.00", "15.00"]
+
+
+def test_empty_and_partial_results_never_crash(tmp_path, capsys):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "results.csv").write_text("")
+    res = build_report([d], out=tmp_path / "r1")
+    assert res["figures"] == [] and (tmp_path / "r1" / "report.html").exists()
+    assert "omitted" in (tmp_path / "r1" / "report.md").read_text()
+    # only cost rows, no meta.json: the other sections say why they are missing
+    d2 = tmp_path / "cost"
+    d2.mkdir()
+    (d2 / "results.csv").write_text("grid,cell,kind,rule_name,rule,arch,depth,T,config_id,step_time_s\n"
+                                    "c,a,cost,bptt,bptt,784-8x1-10,1,4,x,0.1\nc,b,cost,bptt,bptt,784-8x2-10,2,4,y,0.2\n")
+    res = build_report([d2], out=tmp_path / "r2")
+    assert [p.name for p in res["figures"]] == ["cost_vs_depth.png"]
+    text = (tmp_path / "r2" / "report.md").read_text()
+    assert "No train cells" in text and "No continual-learning cells" in text and "unknown command" in text
+    with pytest.raises(LocosnnError, match="holds no results.csv"):
+        build_report([tmp_path])
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_cli_report_default_out(results, capsys):
+    assert main(["report", str(results)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (results / "report" / "report.html").exists() and (results / "report" / "report.md").exists()
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium binary found (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    res, out = report
+    exe = _chromium()
+    url = (out / "report.html").resolve().as_uri()
+    flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,3000"]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=60, env=env).stdout
+    imgs = re.findall(r"<img\b[^>]*>", dom)
+    assert len(imgs) == len(FIGURES)
+    assert all(re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', i) for i in imgs)
+    shot = tmp_path / "shot.png"
+    subprocess.run(flags + [f"--screenshot={shot}", url], capture_output=True, timeout=60, env=env)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    import matplotlib.image as mpimg
+    px = mpimg.imread(str(shot))
+    assert px.shape[0] >= 2000 and px.shape[1] >= 1000
+    assert float(px[..., :3].std()) > 0.05  # not blank: text and figures on the page
+    # the figures are drawn: pixels far from white across the upper page
+    assert float((px[:2000, :, :3].mean(axis=2) < 0.5).mean()) > 0.01
