@@ -19,6 +19,7 @@ from .errors import LocosnnError
 COMMAND_MODULES: list[str] = [
     "locosnn.sweep",
     "locosnn.report",
+    "locosnn.sal",
 ]
 
 EPILOG = """examples:
