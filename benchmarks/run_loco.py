@@ -141,7 +141,17 @@ def recheck_cells() -> dict[str, dict]:
     return cells
 
 
-GRIDS = {"recheck": recheck_cells, "full": full_cells, "accuracy": accuracy_cells, "depth": depth_cells, "tuning": tuning_cells, "depth_extra": depth_extra_cells}
+def sfdfa_tuning_cells() -> dict[str, dict]:
+    """SFDFA variants at its best accuracy-grid lr (3e-4): feedback rate, random start, no reset path."""
+    cells = {}
+    for tag, extra in (("etab0.001", {"eta_b": 0.001}), ("etab0.1", {"eta_b": 0.1}),
+                       ("binitrandom", {"b_init": "random"}), ("ottt", {"eligibility": "ottt"})):
+        cells[f"sfdfa_{tag}"] = dict(BASE, rule="sfdfa", rule_args=extra, lr=3e-4, epochs=6,
+                                     arch="784-500-500-10", align_every=20)
+    return cells
+
+
+GRIDS = {"sfdfa_tuning": sfdfa_tuning_cells, "recheck": recheck_cells, "full": full_cells, "accuracy": accuracy_cells, "depth": depth_cells, "tuning": tuning_cells, "depth_extra": depth_extra_cells}
 
 
 def run_cell(args: tuple[str, str, dict]) -> str:

@@ -74,3 +74,9 @@ def test_resume_needs_only_the_run_directory(tmp_path):
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["rule"] == "np"
+
+
+def test_rule_arg_that_clashes_with_a_run_setting_is_a_clear_error(capsys):
+    from locosnn.cli import main
+    assert main(["train", "--rule", "dfa", "--dataset", "synthetic", "--rule-arg", "loss=mse", "--out", "/tmp/x-nope"]) == 2
+    assert "--loss" in capsys.readouterr().err

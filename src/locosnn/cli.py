@@ -17,6 +17,7 @@ from .errors import LocosnnError
 #: modules that add a subcommand: each has ``add_parser(sub)``, which calls
 #: ``p.set_defaults(func=f)`` with ``f(args) -> int`` (one module per line)
 COMMAND_MODULES: list[str] = [
+    "locosnn.continual",
     "locosnn.sweep",
     "locosnn.report",
     "locosnn.sal",

@@ -57,6 +57,9 @@ class TrainConfig:
                 raise LocosnnError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0:
             raise LocosnnError(f"lr must be > 0, got {self.lr}")
+        clash = sorted({"loss", "seed"} & set(self.rule_args))
+        if clash:
+            raise LocosnnError(f"rule_args may not set {', '.join(clash)}: use the run's own --{clash[0]} setting")
         if self.optimizer not in ("adam", "sgd"):
             raise LocosnnError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         return self

@@ -9,11 +9,12 @@ from .bptt import BPTT
 from .fa_dfa import DFA, FA, OPZO
 from .loco import LOCO
 from .np import NodePerturbation
+from .owm import OWM
 from .sal import SAL
 from .sfdfa import SFDFA
 
 RULES: dict[str, type[LearningRule]] = {"bptt": BPTT, "np": NodePerturbation, "loco": LOCO, "fa": FA, "dfa": DFA, "opzo": OPZO,
-                                   "sfdfa": SFDFA, "sal": SAL}
+                                   "sfdfa": SFDFA, "owm": OWM, "sal": SAL}
 
 
 def make_rule(name: str, **kwargs: Any) -> LearningRule:
@@ -32,4 +33,4 @@ def make_rule(name: str, **kwargs: Any) -> LearningRule:
     return cls(**kwargs)
 
 
-__all__ = ["LearningRule", "BPTT", "DFA", "FA", "LOCO", "NodePerturbation", "OPZO", "RULES", "SAL", "SFDFA", "make_rule"]
+__all__ = ["LearningRule", "BPTT", "DFA", "FA", "LOCO", "NodePerturbation", "OPZO", "OWM", "RULES", "SAL", "SFDFA", "make_rule"]
