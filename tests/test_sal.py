@@ -161,7 +161,7 @@ SMALL = dict(dataset="synthetic", arch="64-32-32-10", T=4, batch_size=64, val_si
 
 
 def test_sal_rule_learns_and_logs_a_falling_feedback_angle(tmp_path):
-    cfg = TrainConfig(rule="sal", epochs=3, rule_args={"sal_steps": 300}, **SMALL)
+    cfg = TrainConfig(rule="sal", epochs=3, rule_args={"sal_steps": 300, "sal_lr": 0.05, "sal_batch": 32}, **SMALL)
     tr = Trainer(cfg, out=tmp_path / "sal", progress=False)
     hist = tr.fit()
     angles = [row["rule_angle_deg"] for row in hist]
@@ -184,7 +184,7 @@ def test_sal_rule_learns_and_logs_a_falling_feedback_angle(tmp_path):
 
 
 def test_sal_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(rule="sal", encoder="rate", epochs=3, rule_args={"sal_steps": 60, "sal_batch": 8}, **SMALL)
+    cfg = TrainConfig(rule="sal", encoder="rate", epochs=3, rule_args={"sal_steps": 60, "sal_batch": 8, "sal_lr": 0.05}, **SMALL)
     full = Trainer(cfg, out=tmp_path / "full", progress=False)
     full.fit()
     part = Trainer(TrainConfig(**{**cfg.to_dict(), "epochs": 1}), out=tmp_path / "part", progress=False)
