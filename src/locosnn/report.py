@@ -16,9 +16,10 @@ Sections, each only when its data exists (otherwise a one-line note says why it 
   depth the rule's best setting by validation accuracy, mean and std over seeds);
 * continual learning: the accuracy matrix R[after task, eval task] as a heat map per rule and
   setting (the task-agnostic mode by default: ``--cl-mode``), and a table of ACC, BWT and
-  forgetting computed from the matrices (ACC = mean final-row accuracy; BWT = mean over tasks
-  but the last of R[T-1, j] - R[j, j]; forgetting = mean over the same tasks of
-  max_{j <= i < T-1} R[i, j] - R[T-1, j]);
+  forgetting computed from the matrices with :func:`locosnn.continual.continual_metrics`
+  (ACC = mean final-row accuracy; BWT = mean over tasks but the last of R[T-1, j] - R[j, j];
+  forgetting = mean over the same tasks of max_{i < T-1} R[i, j] - R[T-1, j], Chaudhry et al.
+  2018), and the accuracy on the last task;
 * per-layer cosine of each rule's update with the BPTT gradient over training (``align_cos``);
 * cost vs depth and vs T from cost cells (step time, update stages, state bytes, ... whatever
   numbers ``measure_cell`` returned), and a cost table;
@@ -374,15 +375,15 @@ def _matrix(rows):
 
 
 def cl_metrics(M: list[list[float]]) -> dict[str, float]:
-    """ACC, BWT and forgetting of an accuracy matrix M[after task][eval task]."""
+    """ACC, BWT, forgetting (and the last task's accuracy) of an accuracy matrix M[after task][eval
+    task], with the definitions of :mod:`locosnn.continual` (one definition for harness and report)."""
+    from .continual import continual_metrics
     T = len(M)
-    last = M[T - 1]
-    acc = _nanmean(last)
     if T < 2:
-        return {"ACC": acc, "BWT": math.nan, "forgetting": math.nan}
-    bwt = _nanmean([last[j] - M[j][j] for j in range(T - 1)])
-    forg = _nanmean([max(M[i][j] for i in range(j, T - 1)) - last[j] for j in range(T - 1)])
-    return {"ACC": acc, "BWT": bwt, "forgetting": forg}
+        return {"ACC": _nanmean(M[T - 1]) if T else math.nan, "BWT": math.nan, "forgetting": math.nan,
+                "last_task_acc": math.nan}
+    m = continual_metrics(M)
+    return {k: float(m[k]) for k in ("ACC", "BWT", "forgetting", "last_task_acc")}
 
 
 def _nanmean(xs) -> float:
@@ -450,13 +451,14 @@ def section_continual(df, sources, figs: Figures, mode: Optional[str] = None, ma
                                            "seeds.")))
         for (name, cfg, m), rows in g.groupby(["rule_name", "config_id", "mode"]):
             per_cell = [cl_metrics(_matrix(c)) for _, c in rows.groupby("cell")]
-            mean = {k: _nanmean([p[k] for p in per_cell]) for k in ("ACC", "BWT", "forgetting")}
+            mean = {k: _nanmean([p[k] for p in per_cell]) for k in ("ACC", "BWT", "forgetting", "last_task_acc")}
             extra = _label_params(rows["params"].iloc[0]) if "params" in rows else ""
             table.append([str(grid), str(name), extra, str(m), str(len(_matrix(rows))), str(len(per_cell)),
-                          _fmt(mean["ACC"], True), _fmt(mean["BWT"], True), _fmt(mean["forgetting"], True)])
+                          _fmt(mean["ACC"], True), _fmt(mean["BWT"], True), _fmt(mean["forgetting"], True),
+                          _fmt(mean["last_task_acc"], True)])
     if table:
         sec.tables.append((["grid", "rule", "setting", "mode", "tasks", "seeds", "ACC (%)", "BWT (%)",
-                            "forgetting (%)"], table,
+                            "forgetting (%)", "last task (%)"], table,
                            caption(cl, sources, "Continual-learning metrics from the accuracy matrices, "
                                    "mean over seeds.")))
     return sec
