@@ -71,7 +71,8 @@ from .base import LearningRule
 class SFDFA(LearningRule):
     """Spiking forward DFA with learned feedback and exact local eligibility (see module doc).
 
-    eta_b: moving-average rate of B per sample (default 0.01).
+    eta_b: moving-average rate of B per sample (default 0.001, chosen on validation accuracy in
+        benchmarks/loco/sfdfa_tuning: 84.0% against 81.9% at 0.01 and 77.9% at 0.1).
     eligibility: "exact" (reset path included) or "ottt" (no reset path).
     online: True carries the eligibility forward per synapse (the authors' structure, O(B n_l n_in)
         state, flat in T); False (default) stores per-neuron factors and contracts them in a
@@ -81,7 +82,7 @@ class SFDFA(LearningRule):
 
     name = "sfdfa"
 
-    def __init__(self, eta_b: float = 0.01, eligibility: str = "exact", online: bool = False,
+    def __init__(self, eta_b: float = 0.001, eligibility: str = "exact", online: bool = False,
                  count_loss: bool = False, count_targets: tuple = (15.0, 3.0), b_init: str = "zero",
                  **kw: Any) -> None:
         super().__init__(**kw)
