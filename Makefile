@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test train bench-bptt bench-loco bench-cost clean
+.PHONY: setup test train bench-bptt bench-loco bench-cost bench-sal bench report clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,17 @@ bench-loco:
 
 bench-cost:
 	$(BIN)/python benchmarks/run_cost.py
+
+bench-sal:
+	$(BIN)/locosnn sal-demo --out benchmarks/sal --seeds 5 --mode all
+
+# the evidence sweep (accuracy, depth, continual learning, cost) and its report
+bench:
+	$(BIN)/locosnn bench benchmarks/sweep.toml --workers 2 --only accuracy,depth,continual
+	$(BIN)/locosnn bench benchmarks/sweep.toml --workers 1 --only cost,cost_T
+
+report:
+	$(BIN)/locosnn report benchmarks/sweep --out benchmarks/report
 
 clean:
 	rm -rf $(VENV) runs
