@@ -123,7 +123,7 @@ def depth_extra_cells() -> dict[str, dict]:
 def full_cells() -> dict[str, dict]:
     """Full training set, 10 epochs, 784-500-500-10: the BPTT reference budget (benchmarks/bptt)."""
     cells = {}
-    for name in ("fa", "dfa", "opzo", "loco-faithful"):
+    for name in ("fa", "dfa", "opzo", "loco-faithful", "sfdfa"):
         lr, args = best_config(name)
         cells[f"{name}_full"] = dict(BASE, limit=None, rule=RULES[name][0], rule_args=dict(args), lr=lr, epochs=10,
                                      arch="784-500-500-10", align_every=50)
