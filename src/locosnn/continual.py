@@ -99,7 +99,7 @@ from .errors import LocosnnError, NonFiniteError
 from .network import SpikingNetwork
 from .provenance import git_sha, machine, peak_rss_mb, versions
 from .rules import LearningRule, make_rule
-from .train import build_network, build_optimizer, check_finite
+from .train import build_network, build_optimizer, check_compatible, check_finite
 
 STREAMS = ("class", "permuted", "label_sorted")
 STREAM_ALIASES = {"split": "class", "class-incremental": "class", "class_incremental": "class",
@@ -526,14 +526,7 @@ class ContinualRun:
         self.net = build_network(cfg)
         self.rule = rule or make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
         self.data = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
-        want = tuple(self.data.shape)
-        if math.prod(want) != math.prod(self.net.in_shape) or (len(self.net.in_shape) == 3 and want != self.net.in_shape):
-            raise LocosnnError(f"input shape mismatch: dataset {self.data.name!r} has samples of shape "
-                               f"{'x'.join(map(str, want))} but --arch {cfg.arch!r} expects "
-                               f"{'x'.join(map(str, self.net.in_shape))}")
-        if self.net.n_out < self.data.n_classes:
-            raise LocosnnError(f"--arch {cfg.arch!r} has {self.net.n_out} outputs but {self.data.name!r} has "
-                               f"{self.data.n_classes} classes")
+        check_compatible(self.net, self.data, cfg.arch)
         self.tasks = build_stream(self.data, ccfg, cfg.seed)
         if getattr(self.rule, "name", "") == "owm" and cfg.optimizer == "adam":
             warnings.warn("rule 'owm' with optimizer adam: Adam's per-coordinate scaling undoes the orthogonal "
@@ -767,7 +760,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--loss", choices=["ce", "mse"], help=f"loss (default {d.loss})")
     p.add_argument("--seed", type=int, help=f"random seed; also fixes the permutations and a seeded class order "
                                             f"(default {d.seed})")
-    p.add_argument("--val-size", dest="val_size", type=_count_or_fraction,
+    p.add_argument("--val-size", dest="val_size", type=_cli()._count_or_fraction,
                    help="validation samples held out of training: a count or a fraction < 1")
     p.add_argument("--limit", type=int, help="use only the first N train/val/test samples (quick runs)")
     p.add_argument("--replay", type=int, help="replay buffer size in samples, class-balanced over the finished "
@@ -785,16 +778,9 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_continual)
 
 
-def _count_or_fraction(v: str) -> int | float:
-    f = float(v)
-    return f if f < 1 else int(f)
-
-
-def _parse_value(v: str) -> Any:
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
+def _cli():
+    from . import cli
+    return cli
 
 
 FLAG_KEYS = ("rule", "dataset", "data_dir", "arch", "epochs", "batch_size", "lr", "optimizer", "T", "encoder", "loss",
@@ -824,7 +810,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if "=" not in item:
             raise LocosnnError(f"--rule-arg {item!r} must be KEY=VALUE")
         k, v = item.split("=", 1)
-        rule_args[k] = _parse_value(v)
+        rule_args[k] = _cli()._parse_value(v)
     settings["rule_args"] = rule_args
     return settings
 

@@ -56,6 +56,17 @@ def evaluate(net: SpikingNetwork, split: Split, cfg: TrainConfig, batch_size: in
     return {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
 
 
+def check_compatible(net: SpikingNetwork, data: Dataset, arch: str) -> None:
+    """Clear errors when the dataset's samples or classes do not fit the network."""
+    want = tuple(data.shape)
+    if math.prod(want) != math.prod(net.in_shape) or (len(net.in_shape) == 3 and want != net.in_shape):
+        raise LocosnnError(f"input shape mismatch: dataset {data.name!r} has samples of shape "
+                           f"{'x'.join(map(str, want))} but --arch {arch!r} expects "
+                           f"{'x'.join(map(str, net.in_shape))}")
+    if net.n_out < data.n_classes:
+        raise LocosnnError(f"--arch {arch!r} has {net.n_out} outputs but {data.name!r} has {data.n_classes} classes")
+
+
 def check_finite(net: SpikingNetwork, report: dict[str, Any], epoch: int, step: int) -> None:
     loss = report.get("loss", 0.0)
     if not math.isfinite(loss):
@@ -82,14 +93,7 @@ class Trainer:
         self.net = build_network(cfg)
         self.rule = rule or make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
         self.data = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
-        want = tuple(self.data.shape)
-        if math.prod(want) != math.prod(self.net.in_shape) or (len(self.net.in_shape) == 3 and want != self.net.in_shape):
-            raise LocosnnError(f"input shape mismatch: dataset {self.data.name!r} has samples of shape "
-                               f"{'x'.join(map(str, want))} but --arch {cfg.arch!r} expects "
-                               f"{'x'.join(map(str, self.net.in_shape))}")
-        if self.net.n_out < self.data.n_classes:
-            raise LocosnnError(f"--arch {cfg.arch!r} has {self.net.n_out} outputs but {self.data.name!r} has "
-                               f"{self.data.n_classes} classes")
+        check_compatible(self.net, self.data, cfg.arch)
         self.opt = build_optimizer(cfg, self.net)
         self.enc_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.epoch = 0
