@@ -35,7 +35,8 @@ bench-sal:
 
 # the evidence sweep (accuracy, depth, continual learning, cost) and its report
 bench:
-	$(BIN)/locosnn bench benchmarks/sweep.toml --workers 2 --only accuracy,seeds,sal_lr,depth,continual
+	$(BIN)/locosnn bench benchmarks/sweep.toml --workers 2 --only accuracy,seeds,sal_lr,sal_seeds,depth
+	$(BIN)/locosnn bench benchmarks/sweep.toml --workers 2 --only continual,continual_matched,continual_seeds
 	$(BIN)/locosnn bench benchmarks/sweep.toml --workers 1 --only cost,cost_T
 
 report:

@@ -127,7 +127,19 @@ def full_cells() -> dict[str, dict]:
         lr, args = best_config(name)
         cells[f"{name}_full"] = dict(BASE, limit=None, rule=RULES[name][0], rule_args=dict(args), lr=lr, epochs=10,
                                      arch="784-500-500-10", align_every=50)
+    cells["sal_full"] = dict(BASE, limit=None, rule="sal", rule_args={}, lr=sweep_best_lr("sal"), epochs=10,
+                             arch="784-500-500-10", align_every=50)
     return cells
+
+
+def sweep_best_lr(rule: str) -> float:
+    """lr of the rule's 784-500-500-10 train cell with the best final validation accuracy in the
+    evidence sweep (benchmarks/sweep: SAL was tuned there, not in the accuracy grid here)."""
+    import pandas as pd
+    df = pd.read_csv(HERE.parent / "sweep" / "results.csv")
+    df = df[(df.kind == "train") & (df.rule_name == rule) & (df.arch == "784-500-500-10") & (df.seed == 0)]
+    last = df.sort_values("epoch").groupby("cell").tail(1)
+    return float(last.sort_values("val_acc").lr.iloc[-1])
 
 
 def recheck_cells() -> dict[str, dict]:

@@ -94,3 +94,16 @@ def test_measure_cell_reports_every_metric():
     assert row["forward_passes"] == 1 and row["update_stages"] == 1 and row["hidden_layers"] == 2
     assert row["dense_macs_per_sample"] > row["synops_per_sample"] > 0  # spikes are sparse; tangent counted
     assert row["step_s"] > 0 and row["rule_state_bytes"] > 0
+
+
+def test_measure_cell_fresh_process_sees_the_step_memory():
+    """In a long-lived process that freed a big buffer, the allocator reuses it and a step's peak
+    reads ~0; the fresh measuring process must see the recorded traces (BPTT at T = 32)."""
+    from locosnn.cost import measure_cell
+
+    junk = torch.ones(64, 1024, 1024)  # 256 MB, freed: memory this process could reuse
+    del junk
+    settings = dict(rule="bptt", dataset="synthetic", arch="64-512-512-10", T=32, batch_size=128)
+    fresh = measure_cell(settings, repeats=1)
+    assert fresh["step_peak_mb"] > 1.0
+    assert fresh["update_stages"] == 3 and fresh["forward_passes"] == 1

@@ -1,5 +1,6 @@
 """The report: figures, tables, self-contained HTML and its Markdown twin (locosnn.report)."""
 import base64
+import csv
 import json
 import os
 import re
@@ -205,3 +206,50 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     assert float(px[..., :3].std()) > 0.05  # not blank: text and figures on the page
     # the figures are drawn: pixels far from white across the upper page
     assert float((px[:2000, :, :3].mean(axis=2) < 0.5).mean()) > 0.01
+
+
+def test_continual_seeds_from_two_grids_merge_and_captions_name_each_grids_command(tmp_path):
+    """Cells that differ only in seed, from different grids and invocations, are one table row
+    (mean ± std over seeds); each caption names the invocation(s) that ran its rows, also for
+    tables written before cells recorded their command (the per-grid fallback from meta.json)."""
+    def run_continual(settings, out, resume=False, progress=True):
+        s = settings.get("seed", 0)
+        R = {"task-agnostic": [[0.9, 0.0], [0.9 - 0.2 * s, 0.8]]}
+        (out / "matrix.json").write_text(json.dumps(R))
+        return {"R": R}
+
+    base = ('[base]\ndataset = "synthetic"\narch = "64-16-10"\nT = 2\nn_tasks = 2\nstream = "split"\n'
+            '[rules.bptt]\nlr = 1e-3\n')
+    text = base + ('[[grid]]\nname = "cl"\nkind = "continual"\nrule = "bptt"\n'
+                   '[[grid]]\nname = "cl_seeds"\nkind = "continual"\nrule = "bptt"\nseed = [1, 2]\n')
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(f'out = "{tmp_path / "sw"}"\n' + text)
+    mp = pytest.MonkeyPatch()
+    mp.setitem(sys.modules, "locosnn.continual", types.SimpleNamespace(run_continual=run_continual))
+    try:
+        run_sweep(cfg, workers=0, only=["cl"], echo=lambda *a: None, command="first-invocation")
+        run_sweep(cfg, workers=0, only=["cl_seeds"], echo=lambda *a: None, command="second-invocation")
+    finally:
+        mp.undo()
+    out = tmp_path / "rep"
+    build_report([tmp_path / "sw"], out=out)
+    md = (out / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| cl, cl_seeds | bptt |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # forgetting of seeds 0, 1, 2: 0, 20, 40 -> mean 20, std 20
+    assert cells[5] == "3" and cells[8] == "20.00 ± 20.0"
+    assert "first-invocation" in md and "second-invocation" in md
+    # a table from before cells recorded their command: the grid's recorded run is named instead
+    csv_path = tmp_path / "sw" / "results.csv"
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, "command": ""} for r in rows])
+    build_report([tmp_path / "sw"], out=out)
+    md = (out / "report.md").read_text()
+    heat = [line for line in md.splitlines() if line.startswith("*Accuracy matrix (%) of grid")]
+    assert len(heat) == 2
+    assert "first-invocation" in heat[0] and "second-invocation" not in heat[0]
+    assert "second-invocation" in heat[1] and "first-invocation" not in heat[1]

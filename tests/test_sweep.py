@@ -149,6 +149,7 @@ def test_two_cell_sweep_two_workers_then_resume_after_interruption(tmp_path, cap
         assert r["kind"] == "train" and r["grid"] == "acc" and r["depth"] == "1" and r["width"] == "16"
         assert r["arch"] == "64-16x1-10" and r["T"] == "2" and r["seed"] == "0" and float(r["test_acc"]) >= 0
         assert len(json.loads(r["align_cos"])) == 2 and r["status"] == "ok"
+        assert r["command"] == f"locosnn bench {cfg} --workers 2"  # the invocation that ran the cell
     assert {r["rule_name"]: float(r["lr"]) for r in rows} == {"bptt": 3e-3, "fa": 1e-3}
     meta = json.loads((out / "meta.json").read_text())
     assert meta["command"].startswith("locosnn bench ") and "[[grid]]" in meta["config_text"]

@@ -302,29 +302,81 @@ DEFAULT_METRICS: tuple[type[CostMetric], ...] = (ForwardPasses, UpdateStages, Sy
                                                    RuleStateBytes, StepWallTime)
 
 
-def measure_cell(settings: dict[str, Any], repeats: int = 5) -> dict[str, Any]:
+def measure_cell(settings: dict[str, Any], repeats: int = 5, fresh_process: bool = True) -> dict[str, Any]:
     """Measure the cost of learning of one configuration (a sweep "cost" cell).
 
     settings: TrainConfig fields (rule, rule_args, arch, T, batch_size, dataset, neuron, ...).
     A real batch of ``batch_size`` training samples of ``dataset``, 2 warm-up steps, then
-    ``repeats`` measured steps: the medians of wall time, and the peak resident memory a step
-    adds (sampled every 0.5 ms) over the memory before the first step. Run it in a fresh
-    process with one thread for comparable numbers (the sweep does)."""
-    import resource
-    import statistics
-    import threading
+    ``repeats`` timed steps (median wall time), then ``repeats`` more for memory: the peak
+    resident memory they add (sampled every 0.5 ms) over the memory after the warm-up, with the
+    allocator set to return freed buffers (glibc; NaN elsewhere).
+
+    ``fresh_process`` (default): the batch is loaded here and the steps run in a new Python
+    process (same interpreter, same torch thread count) that never held the dataset."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
 
     from .config import TrainConfig
     from .data import load_dataset
-    from .encoding import encode
-    from .rules import make_rule
-    from .train import build_network, build_optimizer
 
     cfg = TrainConfig.from_dict({k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__})
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
     x = data.train.x[: cfg.batch_size].float().clone()
     y = data.train.y[: cfg.batch_size].clone()
     del data
+    if not fresh_process:
+        return _measure_steps(cfg.to_dict(), x, y, repeats)
+    with tempfile.TemporaryDirectory(prefix="locosnn-cost-") as tmp:
+        job = Path(tmp) / "job.pt"
+        torch.save({"config": cfg.to_dict(), "x": x, "y": y, "repeats": repeats,
+                    "threads": torch.get_num_threads()}, job)
+        code = "import sys; from locosnn.cost import _measure_job; _measure_job(sys.argv[1])"
+        proc = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"cost measurement process failed (exit {proc.returncode}):\n{tail}")
+        return json.loads((Path(tmp) / "result.json").read_text())
+
+
+def _measure_job(path: str) -> None:
+    """Entry point of the fresh measuring process (see :func:`measure_cell`)."""
+    import json
+    from pathlib import Path
+
+    job = torch.load(path)
+    torch.set_num_threads(int(job["threads"]))
+    row = _measure_steps(job["config"], job["x"], job["y"], int(job["repeats"]))
+    (Path(path).parent / "result.json").write_text(json.dumps(row))
+
+
+def _return_freed_memory() -> bool:
+    """glibc only: fix the mmap threshold at 128 KiB (large buffers are mapped and unmapped, never
+    kept) and trim the heap. False where that is not possible (then no peak memory is reported)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(-3, 128 * 1024) == 1  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+def _measure_steps(config: dict[str, Any], x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, Any]:
+    import resource
+    import statistics
+    import threading
+
+    from .config import TrainConfig
+    from .encoding import encode
+    from .rules import make_rule
+    from .train import build_network, build_optimizer
+
+    cfg = TrainConfig.from_dict(config)
     net = build_network(cfg)
     rule = make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
     opt = build_optimizer(cfg, net)
@@ -334,6 +386,15 @@ def measure_cell(settings: dict[str, Any], repeats: int = 5) -> dict[str, Any]:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
 
+    for _ in range(2):  # warm-up: one-time allocations (kernels, thread pools, optimiser state)
+        StepProbe(rule, net, xs, y, opt)
+    probes = [StepProbe(rule, net, xs, y, opt) for _ in range(repeats)]  # timed, default allocator
+    # memory, measured after the timing: with glibc's mmap threshold fixed, every freed tensor buffer
+    # goes back to the OS (by default the threshold rises and freed buffers stay in the heap, so a
+    # step's peak would read ~0); this costs page faults, which is why the timing came first
+    exact = _return_freed_memory()
+    StepProbe(rule, net, xs, y, opt)
+    exact = exact and _return_freed_memory()  # free-list chunks of that step: resident until trimmed
     base = rss_kb()
     peak = [base]
     stop = threading.Event()
@@ -345,7 +406,8 @@ def measure_cell(settings: dict[str, Any], repeats: int = 5) -> dict[str, Any]:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    probes = [StepProbe(rule, net, xs, y, opt) for _ in range(2 + repeats)][2:]
+    for _ in range(repeats):
+        StepProbe(rule, net, xs, y, opt)
     stop.set()
     th.join()
     probe = probes[-1]
@@ -354,7 +416,7 @@ def measure_cell(settings: dict[str, Any], repeats: int = 5) -> dict[str, Any]:
         m = metric_cls()
         row[m.name] = m(probe, rule, net, xs, y)
     row["step_s"] = statistics.median(p.wall_s for p in probes)
-    row["step_peak_mb"] = (peak[0] - base) / 1024
+    row["step_peak_mb"] = max(0, peak[0] - base) / 1024 if exact else math.nan
     row["hidden_layers"] = net.depth - 1
     row["n_params"] = sum(p.numel() for p in net.parameters())
     return row

@@ -78,6 +78,13 @@ class Source:
         return str(self.meta.get("command") or "unknown command")
 
     @property
+    def commands(self) -> list[str]:
+        """Every recorded sweep command that ran cells into this directory, oldest first."""
+        runs = [str(r["command"]) for r in self.meta.get("runs") or [] if r.get("command") and
+                (r.get("ran") or r.get("to_run"))]
+        return list(dict.fromkeys(runs)) or [self.command]
+
+    @property
     def sha(self) -> str:
         return str(self.meta.get("git_sha") or "unknown")
 
@@ -164,10 +171,37 @@ def _short_sha(sha: str) -> str:
     return sha[:10] + ("-dirty" if sha.endswith("-dirty") else "") if sha and sha != "nan" else "unknown"
 
 
+def _run_for_grid(source: Source, grid: str) -> Optional[str]:
+    """The last recorded sweep command that selected ``grid`` and ran cells (tables written before
+    cells recorded their own command)."""
+    for run in reversed(source.meta.get("runs") or []):
+        only = run.get("only")
+        if (only is None or grid in only) and (run.get("ran") or run.get("to_run")):
+            return str(run.get("command"))
+    return None
+
+
+def _commands(df, sources: list[Source]) -> list[str]:
+    """The commands that produced the rows of ``df``: each cell's own ``command`` column, else the
+    source's recorded run that selected the cell's grid, else the source's last command."""
+    if not len(df) or "source" not in df:
+        return []
+    out: list[str] = []
+    cols = [c for c in ("source", "grid", "command") if c in df]
+    for _, r in df[cols].drop_duplicates().iterrows():
+        cmd = r.get("command")
+        if not isinstance(cmd, str) or not cmd:
+            src = sources[int(r["source"])]
+            cmd = (_run_for_grid(src, str(r["grid"])) if "grid" in r and isinstance(r["grid"], str) else None) \
+                or src.command
+        out.append(cmd)
+    return list(dict.fromkeys(out))
+
+
 def caption(df, sources: list[Source], what: str) -> str:
     """``what`` + the commands and git SHAs that produced the rows of ``df``."""
     idx = sorted({int(s) for s in df["source"].dropna()}) if "source" in df and len(df) else range(len(sources))
-    cmds = [sources[i].command for i in idx]
+    cmds = _commands(df, sources) or [sources[i].command for i in idx]
     shas = sorted({_short_sha(s) for s in df["git_sha"].dropna() if str(s)}) if "git_sha" in df else []
     if not shas:
         shas = sorted({_short_sha(sources[i].sha) for i in idx})
@@ -449,18 +483,29 @@ def section_continual(df, sources, figs: Figures, mode: Optional[str] = None, ma
         sec.figures.append((fname, caption(g, sources, f"Accuracy matrix (%) of grid {grid}, mode {chosen}: row i = "
                                            "after training on task i, column j = accuracy on task j; mean over "
                                            "seeds.")))
-        for (name, cfg, m), rows in g.groupby(["rule_name", "config_id", "mode"]):
-            per_cell = [cl_metrics(_matrix(c)) for _, c in rows.groupby("cell")]
-            mean = {k: _nanmean([p[k] for p in per_cell]) for k in ("ACC", "BWT", "forgetting", "last_task_acc")}
-            extra = _label_params(rows["params"].iloc[0]) if "params" in rows else ""
-            table.append([str(grid), str(name), extra, str(m), str(len(_matrix(rows))), str(len(per_cell)),
-                          _fmt(mean["ACC"], True), _fmt(mean["BWT"], True), _fmt(mean["forgetting"], True),
-                          _fmt(mean["last_task_acc"], True)])
+    # one table row per setting (rule, config_id: every setting but the seed) and mode, merging
+    # the grids that ran it (e.g. extra seeds in their own grid): mean ± std over seeds
+    keyed = cl.assign(_order=cl["grid"].map({g: i for i, g in enumerate(dict.fromkeys(cl["grid"]))}))
+    groups = sorted(keyed.groupby(["rule_name", "config_id", "mode"]), key=lambda kv: (kv[1]["_order"].min(), kv[0]))
+    for (name, cfg, m), rows in groups:
+        per_cell = [cl_metrics(_matrix(c)) for _, c in rows.groupby("cell")]
+        stats = {}
+        for k in ("ACC", "BWT", "forgetting", "last_task_acc"):
+            vals = [p[k] for p in per_cell if p[k] is not None and not math.isnan(p[k])]
+            stats[k] = _fmt(_nanmean(vals), True) if vals else "n/a"
+            if len(vals) > 1:
+                sd = (sum((v - sum(vals) / len(vals)) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+                stats[k] += f" ± {100 * sd:.1f}"
+        grids = ", ".join(dict.fromkeys(rows.sort_values("_order")["grid"].astype(str)))
+        first = rows.sort_values("_order")
+        extra = _label_params(first["params"].iloc[0]) if "params" in first else ""
+        table.append([grids, str(name), extra, str(m), str(len(_matrix(rows[rows["cell"] == rows["cell"].iloc[0]]))),
+                      str(len(per_cell)), stats["ACC"], stats["BWT"], stats["forgetting"], stats["last_task_acc"]])
     if table:
         sec.tables.append((["grid", "rule", "setting", "mode", "tasks", "seeds", "ACC (%)", "BWT (%)",
                             "forgetting (%)", "last task (%)"], table,
                            caption(cl, sources, "Continual-learning metrics from the accuracy matrices, "
-                                   "mean over seeds.")))
+                                   "mean ± std over seeds (cells that differ only in seed, from any grid).")))
     return sec
 
 
@@ -634,11 +679,13 @@ def render(sections: list[Section], sources: list[Source], out: Path, title: str
     for s in sources:
         vers = s.meta.get("versions") or {}
         mach = s.meta.get("machine") or {}
-        when = f"{s.meta.get('started', '?')} – {s.meta.get('finished') or '?'}"
+        runs = s.meta.get("runs") or [s.meta]
+        when = f"{runs[0].get('started', '?')} – {runs[-1].get('finished') or '?'}"
         extra = ", ".join(f"{k} {v}" for k, v in vers.items())
         m = f"{mach.get('platform', '')}, {mach.get('cpus', '?')} CPUs" if mach else ""
-        md.append(f"- `{s.path}`: `{s.command}` @ `{_short_sha(s.sha)}` ({when}; {extra}; {m})")
-        hp.append(f"<li><code>{html.escape(str(s.path))}</code>: <code>{html.escape(s.command)}</code> @ "
+        cmds = "; ".join(s.commands)
+        md.append(f"- `{s.path}`: `{cmds}` @ `{_short_sha(s.sha)}` ({when}; {extra}; {m})")
+        hp.append(f"<li><code>{html.escape(str(s.path))}</code>: <code>{html.escape(cmds)}</code> @ "
                   f"<code>{html.escape(_short_sha(s.sha))}</code> ({html.escape(when)}; {html.escape(extra)}; "
                   f"{html.escape(m)})</li>")
     hp.append("</ul>")

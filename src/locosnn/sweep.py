@@ -129,6 +129,7 @@ import os
 import re
 import sys
 import time
+import uuid
 import tomllib
 import traceback
 from dataclasses import dataclass, field
@@ -427,7 +428,8 @@ def _run_kind(cell: dict[str, Any], d: Path) -> dict[str, Any]:
 def run_cell(task: dict[str, Any]) -> dict[str, Any]:
     """Run one cell in this process and write its ``result.json`` (or ``error.json``).
 
-    ``task``: ``dir`` (the cell directory), ``cell`` (:meth:`Cell.to_dict`), ``threads``.
+    ``task``: ``dir`` (the cell directory), ``cell`` (:meth:`Cell.to_dict`), ``threads`` and
+    ``command`` (the sweep command line, kept in ``result.json`` and the table's ``command`` column).
     Never raises for a failing cell: returns ``{"cell", "status", "wall_s", ...}``."""
     import torch
 
@@ -458,7 +460,8 @@ def run_cell(task: dict[str, Any]) -> dict[str, Any]:
     from .provenance import git_sha
     res = {"cell": cell["id"], "grid": cell["grid"], "kind": cell["kind"], "status": status, "error": err,
            "started": started, "finished": _now(), "wall_s": time.perf_counter() - t0, "git_sha": git_sha(),
-           "pid": os.getpid(), "threads": int(task.get("threads", 1)), "summary": _jsonable(summary)}
+           "command": task.get("command"), "pid": os.getpid(), "threads": int(task.get("threads", 1)),
+           "summary": _jsonable(summary)}
     atomic_write_json(d / FINISHED, res)  # last: its presence means "finished"
     return {k: res[k] for k in ("cell", "status", "error", "wall_s", "pid")} | {"summary": res["summary"]}
 
@@ -487,7 +490,8 @@ def _cell_columns(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
     return {"grid": cell.grid, "cell": cell.id, "kind": cell.kind, "rule_name": cell.rule_name,
             "status": result.get("status", ""), **full, "depth": depth, "width": width,
             "config_id": cell.config_id, "params": json.dumps(cell.params, sort_keys=True, default=str),
-            "git_sha": result.get("git_sha", ""), "wall_s": result.get("wall_s")}
+            "git_sha": result.get("git_sha", ""), "command": result.get("command") or "",
+            "wall_s": result.get("wall_s")}
 
 
 def _matrix_rows(R: Any) -> list[dict[str, Any]]:
@@ -632,7 +636,7 @@ def _write_meta(out: Path, sweep: Sweep, run: dict[str, Any]) -> None:
         old = json.loads(path.read_text()) if path.exists() else {}
     except json.JSONDecodeError:
         old = {}
-    runs = [r for r in old.get("runs", []) if r.get("started") != run["started"]] + [run]
+    runs = [r for r in old.get("runs", []) if r.get("id", r.get("started")) != run["id"]] + [run]
     meta = {"command": run["command"], "config_path": str(sweep.path) if sweep.path else None,
             "config_text": sweep.text, "git_sha": git_sha(), "versions": versions(), "machine": machine(),
             "started": run["started"], "finished": run.get("finished"), "grids": sweep.grids,
@@ -679,7 +683,8 @@ def run_sweep(config: str | Path | Sweep, out: str | Path | None = None, workers
         echo(f"{len(selected)} cells in {outp}: {len(done_before)} finished, {len(todo)} to run")
         return summary
     outp.mkdir(parents=True, exist_ok=True)
-    run = {"command": command or "locosnn bench " + " ".join(sys.argv[1:]), "started": _now(), "finished": None,
+    run = {"id": uuid.uuid4().hex[:12], "command": command or "locosnn bench " + " ".join(sys.argv[1:]),
+           "started": _now(), "finished": None,
            "engine": engine, "workers": workers, "threads": threads, "only": only, "to_run": len(todo)}
     _write_meta(outp, sweep, run)
     write_results(outp, sweep.cells)
@@ -705,7 +710,8 @@ def run_sweep(config: str | Path | Sweep, out: str | Path | None = None, workers
         wall = f" ({res['wall_s']:.1f}s)" if isinstance(res.get("wall_s"), (int, float)) else ""
         echo(f"[{counter['n']}/{len(todo)}] {cid}: {res.get('status')}{acc}{wall}{err}")
 
-    tasks = [{"dir": str(_cell_dir(outp, c)), "cell": c.to_dict(), "threads": threads} for c in todo]
+    tasks = [{"dir": str(_cell_dir(outp, c)), "cell": c.to_dict(), "threads": threads, "command": run["command"]}
+             for c in todo]
     try:
         if tasks:
             if engine == "ray":
