@@ -82,6 +82,10 @@ def test_grid_expansion_product_rule_overrides_shorthand_and_stable_ids(tmp_path
     assert acc[("bptt", 0, 4)].id in changed and acc[("loco", 0, 4)].id not in changed
     # seeds of one setting share a config_id
     assert acc[("bptt", 0, 4)].config_id == acc[("bptt", 1, 4)].config_id != acc[("bptt", 0, 8)].config_id
+    # ... also across grids, and whatever the alignment-logging interval (it changes no update)
+    cfg["grid"].append({"name": "acc_logged", "rule": "bptt", "seed": 2, "T": 4, "align_every": 20})
+    logged = next(c for c in build_sweep(cfg, out=tmp_path).cells if c.grid == "acc_logged")
+    assert logged.config_id == acc[("bptt", 0, 4)].config_id and logged.id != acc[("bptt", 0, 4)].id
 
 
 def test_toml_and_yaml_give_the_same_cells(tmp_path):

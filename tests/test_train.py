@@ -143,3 +143,18 @@ def test_alignment_logging_does_not_change_training(tmp_path):
     assert "rule_projector_s" in hist[-1] and hist[-1]["step_time_s"] > 0
     for p, q in zip(plain.net.parameters(), logged.net.parameters()):
         assert torch.equal(p, q)
+
+
+def test_atomic_writes_get_a_normal_file_mode(tmp_path):
+    """mkstemp creates 0600 files; results and reports must be readable like any other file."""
+    import os
+    import stat
+
+    from locosnn.checkpoint import atomic_write_json
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644

@@ -647,7 +647,8 @@ def section_best(df, sources) -> Section:
         std = f" ± {100 * test.std():.2f}" if len(test) > 1 else ""
         rows.append([name, _setting(r0, "rule"), _setting(r0, "arch"), _setting(r0, "lr"), _setting(r0, "epochs"),
                      _setting(r0, "rule_args") if _setting(r0, "rule_args") not in ("{}",) else "",
-                     str(len(g)), _fmt(float(val.mean()), True), f"{100 * test.mean():.2f}{std}", _setting(r0, "grid")])
+                     str(len(g)), _fmt(float(val.mean()), True), f"{100 * test.mean():.2f}{std}",
+                     ", ".join(dict.fromkeys(str(x) for x in g["grid"]))])
     sec.tables.append((["label", "rule", "arch", "lr", "epochs", "rule_args", "seeds", "val acc (%)", "test acc (%)",
                         "grid"], rows,
                        caption(final, sources, "Final-epoch accuracy of each rule label's best setting, chosen by "

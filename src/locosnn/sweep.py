@@ -106,7 +106,7 @@ Outputs
 after each cell finishes: train cells one row per epoch, continual cells one row per
 (after_task, eval_task, mode), cost cells one row per cell; the settings of each cell are
 columns (grid, cell, kind, rule_name = the label, rule, arch, depth, width, T, seed, lr, ...,
-config_id = the hash without the seed, params = the cell's axis values). ``OUT/meta.json``:
+config_id = the hash without the seed and align_every, params = the cell's axis values). ``OUT/meta.json``:
 command line, config text, git SHA, versions, machine, start and end times of every run.
 ``OUT/log.jsonl``: one line per executed cell.
 
@@ -150,6 +150,9 @@ ABBREV = {"seed": "s", "depth": "d", "width": "w", "epochs": "e", "limit": "n"}
 FIRST_COLUMNS = ["grid", "cell", "kind", "rule_name", "status", "rule", "arch", "depth", "width", "T", "seed", "lr",
                  "epochs", "epoch", "train_loss", "train_acc", "val_acc", "test_acc"]
 FINISHED = "result.json"
+# keys that do not change what a cell learns: cells that differ only in these share a config_id
+# (the report averages over them): the seed, and how often alignment to BPTT is logged
+SAME_SETTING = ("seed", "align_every")
 
 
 @dataclass
@@ -164,7 +167,7 @@ class Cell:
     params: dict[str, Any] = field(default_factory=dict)  # the axis values of this cell
     depth: Optional[int] = None
     width: Optional[int] = None
-    config_id: str = ""  # hash of the settings without the seed: cells that differ only in seed
+    config_id: str = ""  # hash of the settings without SAME_SETTING keys: cells that differ only in seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -357,7 +360,7 @@ def expand_grid(name: str, block: dict[str, Any], base: dict[str, Any], rules: d
         prefix = re.sub(r"[^A-Za-z0-9._=,+-]", "_", prefix)[:80]
         cell = Cell(id=f"{prefix}-{digest}", grid=name, kind=kind, rule_name=label, settings=s, params=point,
                     depth=int(depth) if depth is not None else None, width=int(width) if width is not None else None,
-                    config_id=_hash({"kind": kind, "settings": {k: v for k, v in s.items() if k != "seed"},
+                    config_id=_hash({"kind": kind, "settings": {k: v for k, v in s.items() if k not in SAME_SETTING},
                                      "label": label}))
         validate_cell(cell)
         cells.append(cell)
