@@ -52,7 +52,14 @@ SETTING_COLUMNS = {
     "params", "git_sha", "wall_s", "source", "stream", "n_tasks", "replay", "eval", "epoch", "after_task",
     "eval_task", "mode", "acc",
 }
-PREFERRED_COST = ("step_time_s", "update_stages", "state_bytes", "peak_rss_mb", "forward_passes", "flops")
+# the cost metrics shown first (names of locosnn.cost.measure_cell, then older / other names)
+PREFERRED_COST = ("step_s", "step_peak_mb", "update_stages", "rule_state_bytes", "forward_passes",
+                  "synops_per_sample", "step_time_s", "state_bytes", "peak_rss_mb", "flops")
+COST_TITLES = {"step_s": "wall time of a step (s)", "step_time_s": "wall time of a step (s)",
+               "step_peak_mb": "peak memory a step adds (MB)", "peak_rss_mb": "peak RSS (MB)",
+               "update_stages": "sequential update stages", "rule_state_bytes": "rule state (bytes)",
+               "state_bytes": "rule state (bytes)", "forward_passes": "forward passes per update",
+               "synops_per_sample": "synaptic ops per sample", "dense_macs_per_sample": "dense MACs per sample"}
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}
@@ -586,7 +593,7 @@ def section_cost(df, sources, figs: Figures) -> Section:
     if not metrics:
         sec.notes.append("Cost cells hold no numeric measurements: section omitted.")
         return sec
-    shown = metrics[:4]
+    shown = metrics[:6]
     colors = _colors(cost["rule_name"].unique())
 
     def mode_of(frame, col):
@@ -604,14 +611,14 @@ def section_cost(df, sources, figs: Figures) -> Section:
                 v = mode_of(sub, k)
                 sub = sub[sub[k] == v]
                 held.append(f"{k} = {int(v) if float(v).is_integer() else v}")
-        fig, axes = figs.new(len(shown), width=3.8, height=3.2)
+        fig, axes = figs.new(len(shown), width=3.8, height=3.2, ncols=min(len(shown), 3))
         for ax, m in zip(axes, shown):
             for name in sorted(sub["rule_name"].unique()):
                 g = sub[sub["rule_name"] == name].groupby(x)[m].mean()
                 ax.plot(g.index, g.values, marker="o", color=colors[name], label=name)
             ax.set_xlabel(x if x == "T" else "hidden layers")
             figs.integer_x(ax)
-            ax.set_title(m, fontsize=9)
+            ax.set_title(COST_TITLES.get(m, m), fontsize=9)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
         fname = figs.save(fig, f"cost_vs_{x.lower()}.png")
