@@ -713,6 +713,10 @@ def run_sweep(config: str | Path | Sweep, out: str | Path | None = None, workers
         wall = f" ({res['wall_s']:.1f}s)" if isinstance(res.get("wall_s"), (int, float)) else ""
         echo(f"[{counter['n']}/{len(todo)}] {cid}: {res.get('status')}{acc}{wall}{err}")
 
+    n_cost = sum(c.kind == "cost" for c in todo)
+    if n_cost and (engine == "ray" or workers > 1) and len(todo) > 1:
+        echo(f"note: {n_cost} cost cell(s) time their steps while other cells run beside them; for clean "
+             "timings run the cost grids alone: --workers 1 --only <cost grids>")
     tasks = [{"dir": str(_cell_dir(outp, c)), "cell": c.to_dict(), "threads": threads, "command": run["command"]}
              for c in todo]
     try:
@@ -766,8 +770,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("config", metavar="CONFIG", help="sweep config file (.toml, .yaml or .yml)")
     p.add_argument("--out", help="output directory (default: the config's `out`)")
     p.add_argument("--workers", type=int, default=None,
-                   help="cells run in parallel (local engine: worker processes, default 1; 0 = in this process; "
-                        "ray engine: CPUs of the local Ray instance = workers x threads, default all)")
+                   help="cells run in parallel (local engine: worker processes, default one per "
+                        "--threads CPUs of this machine; 0 = in this process; ray engine: CPUs of the local Ray "
+                        "instance = workers x threads, default all). Cost cells time themselves: run them "
+                        "alone (--workers 1) for clean timings")
     p.add_argument("--threads", type=int, default=1, help="torch threads per cell (ray: num_cpus per task) (default 1)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local processes (default) or Ray tasks")
@@ -795,7 +801,10 @@ def _command_line(args: argparse.Namespace, only: Optional[list[str]]) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     only = [g for item in (args.only or []) for g in item.split(",") if g] or None
-    workers = args.workers if args.workers is not None else (0 if args.engine == "ray" else 1)
+    if args.workers is not None:
+        workers = args.workers
+    else:
+        workers = 0 if args.engine == "ray" else max(1, (os.cpu_count() or 1) // max(1, args.threads))
     try:
         res = run_sweep(args.config, out=args.out, workers=workers, threads=args.threads, engine=args.engine,
                         address=args.address, only=only, dry_run=args.dry_run, command=_command_line(args, only))
