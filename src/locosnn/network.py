@@ -15,7 +15,10 @@ Architecture spec: tokens joined by '-'.
 Examples: ``784-500-500-10``, ``784-500x10-10``, ``1x28x28-c16k5s2-c32k3s2-10``.
 
 Initialisation: ``init="scaled"`` (default; N(0, gain^2/fan_in), gain 3, keeps
-deep LIF stacks firing) or ``init="pytorch"`` (nn.Linear / nn.Conv2d defaults).
+deep LIF stacks firing), ``init="identity"`` (for deep stacks: every square fully
+connected hidden-to-hidden layer starts at 2 I + 0.5 N(0, 1/n), so each LIF layer
+relays the spikes it receives and class information survives ten layers; the other
+layers as "scaled") or ``init="pytorch"`` (nn.Linear / nn.Conv2d defaults).
 """
 from __future__ import annotations
 
@@ -33,9 +36,11 @@ from .neurons import (NeuronConfig, leaky_integrator_step, lif_step, rate_proxy,
                       surrogate_derivative)
 
 READOUTS = ("membrane", "rate")
-INITS = ("scaled", "pytorch")
+INITS = ("scaled", "identity", "pytorch")
 NOISE_SITES = ("current", "output")
 NOISE_DISTS = ("gaussian", "rademacher", "uniform")
+
+IDENTITY_GAIN, IDENTITY_NOISE = 2.0, 0.5
 
 _CONV = re.compile(r"^c(\d+)k(\d+)(?:s(\d+))?(?:p(\d+))?$")
 
@@ -180,8 +185,10 @@ class SpikingNetwork(nn.Module):
                 shape = (spec.out,)
         self.layers = nn.ModuleList(layers)
         self.n_out = shape[0]
-        if init == "scaled":
+        if init in ("scaled", "identity"):
             self.reset_parameters(init_gain)
+        if init == "identity":
+            self.identity_init()
 
     @torch.no_grad()
     def reset_parameters(self, gain: float = 3.0) -> None:
@@ -198,6 +205,24 @@ class SpikingNetwork(nn.Module):
             nn.init.normal_(layer.weight, 0.0, gain / math.sqrt(fan_in))
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+
+    @torch.no_grad()
+    def identity_init(self, gain: float = IDENTITY_GAIN, noise: float = IDENTITY_NOISE) -> None:
+        """Square fully connected hidden-to-hidden layers: W = gain I + noise N(0, 1/n), b = 0.
+
+        A random deep LIF stack destroys class information (a linear probe on the last of
+        ten random hidden layers of 256 falls below 40% on Fashion-MNIST); near-identity
+        layers pass it through, so a rule only has to improve on it (``docs/deep.md``).
+        With theta = 1 and beta = 0.5 this keeps every layer of 784-256x10-10 near the first
+        layer's rate (0.21) and its probe accuracy (79% at layer 10, 79% at layer 1)."""
+        for li, layer in enumerate(self.layers[:-1]):
+            if li == 0 or layer.kind != "linear" or layer.weight.shape[0] != layer.weight.shape[1]:
+                continue
+            n = layer.weight.shape[0]
+            layer.weight.copy_(gain * torch.eye(n, dtype=layer.weight.dtype)
+                               + noise * torch.randn(n, n, dtype=layer.weight.dtype) / math.sqrt(n))
+            if layer.bias is not None:
+                layer.bias.zero_()
 
     @property
     def depth(self) -> int:
@@ -254,7 +279,7 @@ class SpikingNetwork(nn.Module):
                 cur = layer.current(x)
                 xi = None
                 if noise is not None and noise.applies_to(li):
-                    xi = noise.draw(cur)
+                    xi = noise.draw(cur, li, t) if getattr(noise, "indexed", False) else noise.draw(cur)
                     if noise.site == "current":
                         cur = cur + xi
                 last = li == L - 1

@@ -42,6 +42,16 @@ the gradient signal lives mostly in the centred directions. The faithful variant
 on shuffled batches does this by accident (its protected centroids collapse onto
 the mean), and it learned faster than the sample variant in our benchmark.
 
+``whiten=lam`` (ours, behind a flag; R7 of ``docs/deep.md``): instead of the orthogonal
+projector Q Q^T, use the input-whitening preconditioner truncated to LOCO's subspace,
+
+    P_w = Q V (Lambda + lam mean(Lambda) I)^-1 V^T Q^T * mean(Lambda)
+
+where V Lambda V^T is the eigendecomposition of Q^T (X^T X / n) Q, the batch's uncentred input
+second moment inside the subspace (K-FAC's input factor, the object OWM's recursion
+approximates). Directions of small input variance get larger steps; the update still lies
+in the subspace, orthogonal to the protected centroids. ``whiten=0`` (default) is LOCO.
+
 ``projection=False`` returns plain NP (bit-identical under the same seed: the
 projector draws from its own generator).
 """
@@ -66,15 +76,19 @@ class LOCO(NodePerturbation):
 
     rank r (110 in the authors' code), k clusters (10), memory size (1000), tol (0.1),
     variant ("sample" | "faithful"), min_share, per_batch and window (sample variant),
-    max_rows (conv patch rows used for the basis), projection (False = plain NP)."""
+    max_rows (conv patch rows used for the basis), projection (False = plain NP), whiten (0 = off;
+    > 0: whitening preconditioner inside the subspace with relative damping ``whiten``)."""
 
     name = "loco"
 
     def __init__(self, rank: int = 110, k: int = 10, memory: int = 1000, tol: float = 0.1,
                  variant: str = "sample", projection: bool = True, min_share: float = 0.05,
                  per_batch: int = 16, max_rows: int = 2048, kmeans_iters: int = 5, window: int = 20,
-                 drop_mean: bool = False, **kw: Any) -> None:
+                 drop_mean: bool = False, whiten: float = 0.0, **kw: Any) -> None:
         super().__init__(**kw)
+        if whiten < 0:
+            raise LocosnnError(f"whiten must be >= 0 (0 = off), got {whiten}")
+        self.whiten = float(whiten)
         self.drop_mean = bool(drop_mean)
         if variant not in VARIANTS:
             raise LocosnnError(f"unknown LOCO variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -141,7 +155,17 @@ class LOCO(NodePerturbation):
             return gw, gb
         Q = self.projector_basis(network, clean, li)
         self.last_ranks.append(Q.shape[1])
-        G = project(torch.cat([gw, gb[:, None]], 1), Q)
+        G = torch.cat([gw, gb[:, None]], 1)
+        if self.whiten > 0:
+            X = self.layer_inputs(network, clean, li)
+            XQ = X.to(Q.dtype) @ Q
+            lam, V = torch.linalg.eigh((XQ.T @ XQ / X.shape[0]).double())
+            lam = lam.clamp_min(0).to(Q.dtype)
+            m = lam.mean().clamp_min(1e-12)
+            QV = Q @ V.to(Q.dtype)
+            G = ((G @ QV) * (m / (lam + self.whiten * m))) @ QV.T
+        else:
+            G = project(G, Q)
         return G[:, :-1], G[:, -1]
 
     def transform(self, network: SpikingNetwork, clean: Trace, grads):

@@ -30,18 +30,38 @@ import torch
 from ..errors import LocosnnError
 from ..network import Noise, SpikingNetwork, Trace
 from .base import LearningRule, accumulate
+from .perturb import DeepEstimator, DeepOptions
 
 
 class NodePerturbation(LearningRule):
     """NP. Parameters: sigma (noise std), site ("current" | "output"), dist ("gaussian" |
     "rademacher" | "uniform"), concat (clean and noisy pass as one batch), online (memory
-    flat in T: replay the noise in a second noisy pass instead of recording the trace)."""
+    flat in T: replay the noise in a second noisy pass instead of recording the trace).
+
+    Options for deep networks (all off by default; see ``rules/perturb.py``): temporal
+    ("step" | "frozen"), antithetic, draws, layer_sample, eligibility ("noise" | "activity"),
+    dl_norm, dl_clip, local_loss, local_heads ("learned" | "fixed"), head_lr, head_gain,
+    readout_rule ("np" | "delta"), train_hidden, homeostasis, target_rate, average."""
 
     name = "np"
 
     def __init__(self, sigma: float = 0.2, site: str = "current", dist: str = "gaussian",
-                 concat: bool = True, online: bool = False, **kw: Any) -> None:
+                 concat: bool = True, online: bool = False, temporal: str = "step", antithetic: bool = False,
+                 draws: int = 1, layer_sample: bool = False, eligibility: str = "noise", dl_norm: bool = False,
+                 dl_clip: float = 0.0, local_loss: int = 0, local_heads: str = "learned", head_lr: float = 0.05,
+                 head_gain: float = 1.0, readout_rule: str = "np", train_hidden: bool = True,
+                 homeostasis: float = 0.0, target_rate: float = 0.15, average: float = 0.0, **kw: Any) -> None:
         super().__init__(**kw)
+        self.deep = DeepOptions(temporal=temporal, antithetic=bool(antithetic), draws=draws,
+                                layer_sample=bool(layer_sample), eligibility=eligibility, dl_norm=bool(dl_norm),
+                                dl_clip=float(dl_clip), local_loss=local_loss, local_heads=local_heads,
+                                head_lr=float(head_lr), head_gain=float(head_gain), readout_rule=readout_rule,
+                                train_hidden=bool(train_hidden), homeostasis=float(homeostasis),
+                                target_rate=float(target_rate), average=float(average))
+        self.deep_estimator = DeepEstimator(self.deep) if self.deep.active else None
+        if self.deep_estimator is not None and (online or site != "current" or dist != "gaussian" or not concat):
+            raise LocosnnError("the deep-network options (temporal, antithetic, draws, ...) need the defaults "
+                               "online=False, site='current', dist='gaussian', concat=True")
         if sigma <= 0:
             raise LocosnnError(f"sigma must be > 0, got {sigma}")
         self.sigma, self.site, self.dist, self.concat = sigma, site, dist, concat
@@ -120,6 +140,10 @@ class NodePerturbation(LearningRule):
 
     @torch.no_grad()
     def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        if self.deep_estimator is not None:
+            clean, raw, l_clean, extras = self.deep_estimator.step(self, network, x_seq, y)
+            self.write_grads(network, self.transform(network, clean, raw))
+            return {"loss": float(l_clean.mean()), "out": clean.out, **extras}
         if self.online:
             clean, raw, dl, l_clean = self.online_step(network, x_seq, y)
         else:
@@ -138,10 +162,15 @@ class NodePerturbation(LearningRule):
         return gw, gb
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        s: dict[str, Any] = {"generator": self.generator.get_state()}
+        if self.deep_estimator is not None:
+            s["deep"] = self.deep_estimator.state_dict()
+        return s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        if self.deep_estimator is not None and "deep" in state:
+            self.deep_estimator.load_state_dict(state["deep"])
 
 
 def split_trace(tr: Trace, B: int) -> tuple[Trace, Trace]:
