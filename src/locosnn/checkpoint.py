@@ -1,13 +1,20 @@
-"""Atomic checkpoints: write to a temporary file in the same directory, fsync, then rename."""
+"""Atomic checkpoints: write to a temporary file in the same directory, fsync, then rename.
+
+Also the run-directory helpers of the command line: :class:`DirLock` (one command per
+output directory at a time) and :func:`run_dir_kind` (what a directory already holds).
+"""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import torch
+
+from .errors import LocosnnError
 
 
 def _umask() -> int:
@@ -37,9 +44,130 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(path: str | Path, expect: Iterable[str] = ()) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`. A missing, truncated or corrupt file, or one
+    without the keys in ``expect``, is a :class:`LocosnnError` (one line), never a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise LocosnnError(f"checkpoint {path} not found")
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything from EOFError to RuntimeError
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise LocosnnError(f"checkpoint {path} cannot be read; it is truncated or corrupt "
+                           f"({type(e).__name__}: {first})") from None
+    missing = [k for k in expect if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise LocosnnError(f"checkpoint {path} is not a locosnn checkpoint of this kind (no {', '.join(missing)})")
+    return st
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+# -- run directories -------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+class DirLock:
+    """An exclusive lock on an output directory: ``flock`` on ``DIR/.lock``, which holds the owner's pid and
+    command. A second command on the same directory fails at once with a :class:`LocosnnError`. Released
+    (and the file removed) on :meth:`release`, on exit from a ``with`` block, or by the kernel when the
+    process dies."""
+
+    def __init__(self, directory: str | Path, command: str) -> None:
+        self.dir = Path(directory)
+        self.path = self.dir / LOCK_NAME
+        self.command = command
+        self.fd: Optional[int] = None
+        self.created = False
+
+    def acquire(self) -> "DirLock":
+        self.created = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 200).decode(errors="replace").split()
+                os.close(fd)
+                pid = owner[0] if owner else "unknown"
+                what = owner[1] if len(owner) > 1 else self.command
+                self._remove_if_created()
+                raise LocosnnError(f"{self.dir} is in use by another locosnn {what} (pid {pid}); wait for it "
+                                   "to finish or choose another --out") from None
+            try:  # the holder before us may have removed the file after we opened it: lock the current one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {self.command}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding the lock (see acquire)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+        self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        """A directory made only to hold the lock (the command failed before writing) is removed again."""
+        if self.created:
+            try:
+                self.dir.rmdir()
+            except OSError:  # not empty (the run wrote files) or gone
+                pass
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+#: files a ``locosnn train`` run directory holds
+TRAIN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
+#: files that mark a ``locosnn continual`` run directory
+CONTINUAL_FILES = ("matrix.json", "results.csv")
+
+
+def run_dir_kind(path: str | Path) -> str:
+    """What a would-be output directory holds: ``"missing"``, ``"file"`` (not a directory), ``"empty"``,
+    ``"train"``, ``"continual"`` or ``"other"`` (files of neither). Lock files and stray ``*.tmp`` files of
+    an interrupted atomic write are ignored."""
+    p = Path(path)
+    if not p.exists():
+        return "missing"
+    if not p.is_dir():
+        return "file"
+    names = {q.name for q in p.iterdir() if q.name != LOCK_NAME and not q.name.endswith(".tmp")}
+    if not names:
+        return "empty"
+    kind = None
+    if (p / "config.json").is_file():
+        try:
+            meta = json.loads((p / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            meta = None
+        if isinstance(meta, dict) and "settings" in meta:
+            kind = "continual"
+        elif isinstance(meta, dict) and "config" in meta:
+            kind = "train"
+    if kind is None and any(n in names for n in CONTINUAL_FILES):
+        kind = "continual"
+    if kind is None and ("metrics.jsonl" in names or "checkpoint.pt" in names):
+        kind = "train"
+    if kind == "train" and any(n in names for n in CONTINUAL_FILES):
+        kind = "continual"
+    return kind or "other"

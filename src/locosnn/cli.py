@@ -1,18 +1,21 @@
-"""The `locosnn` command line: train, eval.
+"""The `locosnn` command line: train, eval (and, from their modules, continual, bench, report, sal-demo).
 
-Every user error prints one line `error: ...` and exits non-zero (2 for bad
-input, 3 for a diverged run) without a traceback.
+Every user error prints one line `error: ...` and exits 2 (3 for a diverged run) without a
+traceback; Ctrl-C or SIGTERM prints one `interrupted: ...` line and exits 130 / 143. See
+docs/errors.md for what each bad input gives.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-from .errors import LocosnnError
+from . import __version__
+from .errors import Interrupted, LocosnnError, interrupt_exit_code
 
 #: modules that add a subcommand: each has ``add_parser(sub)``, which calls
 #: ``p.set_defaults(func=f)`` with ``f(args) -> int`` (one module per line)
@@ -21,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "locosnn.sweep",
     "locosnn.report",
     "locosnn.sal",
+    "locosnn.export",
 ]
 
 EPILOG = """examples:
@@ -30,88 +34,183 @@ EPILOG = """examples:
   locosnn eval runs/bptt
 """
 
+TRAIN_EPILOG = """Settings come from, lowest precedence first: the defaults above, --config FILE (or, with
+--resume, the run's own checkpoint), then the flags given. Every value is checked before any data
+is read: a wrong type or an out-of-range value is one `error:` line (exit 2).
+
+Values: booleans read true/false, yes/no, on/off or 1/0; numbers may be written 1e-3.
+--rule-arg values are cast to the type of the rule's setting, e.g. --rule-arg projection=false.
+
+examples:
+  locosnn train --rule bptt --dataset fashion-mnist --arch 784-500-500-10 --epochs 10 --out runs/bptt
+  locosnn train --rule loco --lr 1e-3 --rule-arg sigma=0.5 --rule-arg variant=faithful --out runs/loco
+  locosnn train --config run.toml --out runs/from-file      # run.toml: lr = 1e-3, epochs = 5, ...
+  locosnn train --out runs/bptt --resume --epochs 20        # continue a run, here to 20 epochs
+  locosnn eval runs/bptt --split val
+"""
+
+
+def _d(text: str, default: Any) -> str:
+    """Help text with its default, written once."""
+    return f"{text} (default: {default})"
+
 
 def _train_parser(sub: Any) -> None:
-    from .config import TrainConfig
+    from .config import ENCODERS, INITS, LOSSES, NEURONS, OPTIMIZERS, READOUTS, SURROGATES, TrainConfig
     from .data import DATASETS
     from .rules import RULES
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a spiking network with a learning rule",
-                       description="Train a feed-forward SNN on a registered dataset with one learning rule. "
-                                   "Writes config.json, metrics.jsonl and checkpoint.pt into --out.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="TOML or YAML file of settings; command-line flags override it")
-    p.add_argument("--rule", help=f"learning rule: {', '.join(sorted(RULES))} (default {d.rule})")
-    p.add_argument("--dataset", help=f"dataset: {', '.join(DATASETS)} (default {d.dataset})")
-    p.add_argument("--data-dir", dest="data_dir", help="directory of IDX files (mnist, kmnist, or another fashion-mnist copy)")
-    p.add_argument("--arch", help=f"architecture spec, e.g. 784-500x10-10 or 1x28x28-c16k5s2-10 (default {d.arch})")
-    p.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"mini-batch size (default {d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], help=f"optimiser (default {d.optimizer})")
-    p.add_argument("--T", "-T", dest="T", type=int, help=f"time steps per sample (default {d.T})")
-    p.add_argument("--encoder", choices=["direct", "rate", "latency"], help=f"input encoder (default {d.encoder})")
-    p.add_argument("--neuron", choices=["lif", "if", "rate"], help=f"neuron model (default {d.neuron})")
-    p.add_argument("--beta", type=float, help=f"LIF membrane decay (default {d.beta})")
-    p.add_argument("--theta", type=float, help=f"firing threshold (default {d.theta})")
-    p.add_argument("--surrogate", choices=["fast_sigmoid", "atan"], help=f"surrogate derivative (default {d.surrogate})")
-    p.add_argument("--readout", choices=["membrane", "rate"], help=f"output readout (default {d.readout})")
-    p.add_argument("--init", choices=["scaled", "pytorch"],
-                   help=f"weight init: scaled = N(0, gain^2/fan_in), keeps deep LIF stacks firing (default {d.init})")
-    p.add_argument("--init-gain", dest="init_gain", type=float, help=f"gain of the scaled init (default {d.init_gain})")
-    p.add_argument("--loss", choices=["ce", "mse"], help=f"loss (default {d.loss})")
-    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    p.add_argument("--val-size", dest="val_size", type=_count_or_fraction,
-                   help="validation samples held out of training: a count, or a fraction < 1 "
-                        "(default 5000 for the 60k-image sets, else 0.1)")
-    p.add_argument("--limit", type=int, help="use only the first N train/val/test samples (quick runs)")
-    p.add_argument("--align-every", dest="align_every", type=int,
+                       description="Train a feed-forward spiking network on a registered dataset with one learning "
+                                   "rule. Writes config.json (every setting, git SHA, versions, machine, data "
+                                   "checksum), metrics.jsonl (one line per epoch) and checkpoint.pt (the last "
+                                   "finished epoch) into --out.",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (keys as the flags, e.g. "
+                                                    "batch_size = 64); flags given here override it")
+    g.add_argument("--rule", help=_d(f"learning rule: {', '.join(sorted(RULES))}", d.rule))
+    g.add_argument("--rule-arg", dest="rule_arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the rule, repeatable, e.g. sigma=0.5 (np, loco) or feedback=transpose (fa)")
+    g.add_argument("--dataset", help=_d(f"dataset: {', '.join(DATASETS)}", d.dataset))
+    g.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                   help="directory of IDX files (mnist, kmnist, or another fashion-mnist copy)")
+    g.add_argument("--val-size", dest="val_size", metavar="N",
+                   help="validation samples held out of the training set: a count, or a fraction < 1 "
+                        "(default: 5000 for the 60k-image sets, else 0.1)")
+    g.add_argument("--limit", metavar="N", help="use only the first N train, validation and test samples "
+                                                "(default: all)")
+
+    g = p.add_argument_group("network")
+    g.add_argument("--arch", help=_d("architecture: input, layers and output joined by '-', e.g. 784-500x10-10 "
+                                     "or 1x28x28-c16k5s2-10", d.arch))
+    g.add_argument("--T", "-T", dest="T", metavar="T", help=_d("time steps per sample", d.T))
+    g.add_argument("--encoder", choices=ENCODERS, help=_d("input encoder", d.encoder))
+    g.add_argument("--neuron", choices=NEURONS, help=_d("neuron model", d.neuron))
+    g.add_argument("--beta", metavar="B", help=_d("LIF membrane decay per step, in [0, 1]", d.beta))
+    g.add_argument("--theta", metavar="V", help=_d("firing threshold, > 0", d.theta))
+    g.add_argument("--surrogate", choices=SURROGATES, help=_d("surrogate derivative of the spike", d.surrogate))
+    g.add_argument("--slope", metavar="K", help=_d("slope of the surrogate derivative, > 0", d.slope))
+    g.add_argument("--reset", choices=("subtract", "zero"),
+                   help=_d("LIF/IF reset after a spike: subtract theta (soft) or set the membrane to 0 (hard; "
+                           "exports exactly to NIR, see `locosnn export`)", d.reset))
+    g.add_argument("--readout", choices=READOUTS, help=_d("output readout", d.readout))
+    g.add_argument("--init", choices=INITS,
+                   help=_d("weight init: scaled = N(0, gain^2/fan_in), keeps deep LIF stacks firing; identity = "
+                           "scaled, but square hidden-to-hidden layers start at 2 I + 0.5 N(0, 1/n) (deep stacks); "
+                           "pytorch = the nn.Linear / nn.Conv2d defaults", d.init))
+    g.add_argument("--init-gain", dest="init_gain", metavar="G", help=_d("gain of the scaled init, > 0", d.init_gain))
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", metavar="N", help=_d("training epochs", d.epochs))
+    g.add_argument("--batch-size", dest="batch_size", metavar="N", help=_d("mini-batch size", d.batch_size))
+    g.add_argument("--lr", metavar="LR", help=_d("learning rate, > 0", d.lr))
+    g.add_argument("--readout-lr", dest="readout_lr", metavar="LR",
+                   help="learning rate of the output layer only (default: --lr): e.g. a fast exact readout "
+                        "beside slowly perturbation-trained hidden layers")
+    g.add_argument("--lr-schedule", dest="lr_schedule", choices=["constant", "cosine"],
+                   help=_d("learning-rate schedule per epoch: constant, or cosine decay to 0 over --epochs",
+                           d.lr_schedule))
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help=_d("optimiser: adam, sgd (momentum 0.9) or nmom (per-layer normalised momentum with "
+                           "per-neuron weight-norm projection, for NP/LOCO on deep nets)", d.optimizer))
+    g.add_argument("--weight-decay", dest="weight_decay", metavar="WD", help=_d("weight decay, >= 0", d.weight_decay))
+    g.add_argument("--loss", choices=LOSSES, help=_d("loss on the readout", d.loss))
+    g.add_argument("--seed", metavar="S", help=_d("random seed (weights, data order, noise), >= 0", d.seed))
+
+    g = p.add_argument_group("run directory and output")
+    g.add_argument("--out", metavar="DIR", help="run directory (default: runs/<rule>-<dataset>); a new or empty "
+                                                "directory, or a train run to --resume")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its settings (flags given override "
+                        "them; only --epochs may differ)")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar: one summary line per epoch only")
+    g.add_argument("--align-every", dest="align_every", metavar="N",
                    help="every N steps, log the per-layer cosine and norm ratio of the rule's update to the BPTT "
-                        "gradient on the same batch (align_cos, align_norm_ratio in metrics.jsonl; 0 = off)")
-    p.add_argument("--rule-arg", dest="rule_arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="rule-specific setting, repeatable (value parsed as JSON when possible)")
-    p.add_argument("--out", default=None, help="run directory (default runs/<rule>-<dataset>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+                        "gradient on the same batch (align_cos, align_norm_ratio in metrics.jsonl) (default: 0 = off)")
 
 
 def _count_or_fraction(v: str) -> int | float:
-    f = float(v)
-    return f if f < 1 else int(f)
+    """argparse type of --val-size (kept for callers); the config casts the same way."""
+    from .config import parse_count_or_fraction
+    try:
+        return parse_count_or_fraction(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"must be {e}, got {v!r}") from None
 
 
 def _parse_value(v: str) -> Any:
+    """A KEY=VALUE value as JSON when it is JSON, else the string (the config casts it by type later)."""
     try:
         return json.loads(v)
     except json.JSONDecodeError:
         return v
 
 
+def parse_rule_args(items: Sequence[str], into: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """``--rule-arg KEY=VALUE`` items into a dict; values stay strings (cast by the rule's types)."""
+    out = dict(into or {})
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise LocosnnError(f"--rule-arg {item!r} must be KEY=VALUE")
+        out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def check_out_dir(out: Path, command: str, resume: bool) -> None:
+    """Refuse an --out that is a file, that holds another kind of run or other files, or, with --resume,
+    that holds no checkpoint."""
+    from .checkpoint import LOCK_NAME, run_dir_kind
+
+    kind = run_dir_kind(out)
+    if kind == "file":
+        raise LocosnnError(f"--out {out} is an existing file, not a directory; choose another --out")
+    if kind not in ("missing", "empty", command):
+        if kind == "other":
+            names = sorted(q.name for q in out.iterdir() if q.name != LOCK_NAME and not q.name.endswith(".tmp"))
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise LocosnnError(f"--out {out} is not empty and holds no locosnn {command} run ({shown}); "
+                               "choose a new or empty directory")
+        raise LocosnnError(f"--out {out} holds a locosnn {kind} run; `locosnn {command}` will not overwrite it: "
+                           "choose another --out")
+    if resume and not (out / "checkpoint.pt").is_file():
+        raise LocosnnError(f"--resume: {out} holds no checkpoint.pt to continue from "
+                           f"({'it does not exist' if kind == 'missing' else 'no epoch finished yet'}); "
+                           "run without --resume to start anew")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import DirLock, load_checkpoint
     from .config import TrainConfig, load_config_file
-    from .train import Trainer
+    from .train import Trainer, epoch_summary
 
     settings: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    saved = Path(args.out or "") / "config.json"
-    if args.resume and args.out and not args.config and saved.exists():
-        # --resume continues the run as it was configured; flags given now still override
-        settings = dict(json.loads(saved.read_text())["config"])
+    out_arg = Path(args.out) if args.out else None
+    if args.resume and out_arg is not None:
+        check_out_dir(out_arg, "train", resume=True)
+        if not args.config:  # --resume continues the run as it was configured; flags given now still override
+            st = load_checkpoint(out_arg / "checkpoint.pt", expect=("epoch", "config", "model"))
+            settings = dict(st["config"])
     for k in [f for f in TrainConfig.__dataclass_fields__ if f != "rule_args"]:
         v = getattr(args, k, None)
         if v is not None:
             settings[k] = v
-    rule_args = dict(settings.get("rule_args", {}))
-    for item in args.rule_arg:
-        if "=" not in item:
-            raise LocosnnError(f"--rule-arg {item!r} must be KEY=VALUE")
-        k, v = item.split("=", 1)
-        rule_args[k] = _parse_value(v)
-    settings["rule_args"] = rule_args
-    cfg = TrainConfig.from_dict(settings)
-    out = args.out or f"runs/{cfg.rule}-{cfg.dataset}"
-    trainer = Trainer(cfg, out=out, resume=args.resume, progress=args.progress)
-    hist = trainer.fit()
+    rule_args = settings.get("rule_args") or {}
+    if not isinstance(rule_args, dict):
+        raise LocosnnError(f"rule_args must be a table of rule settings (KEY = VALUE), got {rule_args!r}")
+    settings["rule_args"] = parse_rule_args(args.rule_arg, rule_args)
+    cfg = TrainConfig.from_dict(settings).validate()
+    out = out_arg or Path(f"runs/{cfg.rule}-{cfg.dataset}")
+    if out.exists() and not out.is_dir():
+        raise LocosnnError(f"--out {out} is an existing file, not a directory; choose another --out")
+    with DirLock(out, "train"):
+        check_out_dir(out, "train", args.resume)
+        on_epoch = None if args.progress else (lambda row: print(epoch_summary(row), flush=True))
+        trainer = Trainer(cfg, out=out, resume=args.resume, progress=args.progress, on_epoch=on_epoch)
+        hist = trainer.fit()
     if hist:
         last = hist[-1]
         print(f"done: {out}  test_acc {last['test_acc']:.4f}  val_acc {last['val_acc']:.4f}")
@@ -119,19 +218,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, run_dir_kind
     from .config import TrainConfig
     from .data import load_dataset
     from .train import build_network, evaluate
 
     run = Path(args.run_dir)
     ck = run / "checkpoint.pt"
-    if not ck.exists():
+    if run_dir_kind(run) == "continual":
+        raise LocosnnError(f"{run} holds a continual run; `locosnn eval` evaluates train runs (the continual "
+                           "run's accuracies are in its matrix.json and results.csv)")
+    if not ck.is_file():
         raise LocosnnError(f"{run} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
-    st = load_checkpoint(ck)
-    cfg = TrainConfig.from_dict(st["config"])
+    st = load_checkpoint(ck, expect=("epoch", "config", "model"))
+    cfg = TrainConfig.from_dict(st["config"]).validate()
     net = build_network(cfg)
-    net.load_state_dict(st["model"])
+    try:
+        net.load_state_dict(st["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise LocosnnError(f"checkpoint {ck} does not fit its own config (arch {cfg.arch}): "
+                           f"{str(e).splitlines()[0]}") from None
     data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
     split = getattr(data, args.split)
     res = evaluate(net, split, cfg)
@@ -143,17 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="locosnn", description="Train spiking neural networks without backpropagation "
                                 "(LOCO, node perturbation, ...) beside a BPTT reference.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"locosnn {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
-    e = sub.add_parser("eval", help="evaluate a run's last checkpoint", description="Evaluate the checkpoint of a run directory.")
+    e = sub.add_parser("eval", help="evaluate a run's last checkpoint", description="Evaluate the checkpoint of a run "
+                       "directory written by `locosnn train` and print one JSON line (acc, loss).")
     e.add_argument("run_dir", help="run directory written by `locosnn train`")
-    e.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default test)")
-    e.add_argument("--data-dir", dest="data_dir", help="override the dataset directory")
+    e.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default: test)")
+    e.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="read the dataset from here instead")
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).add_parser(sub)
     return p
 
 
+INTERRUPTED = {"train": "interrupted: the last completed epoch is in checkpoint.pt; continue with --resume"}
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT and SIGTERM end a command like Ctrl-C: checkpoints are kept, temporary files removed, worker
+    processes stopped and the run directory's lock released."""
+    raise Interrupted(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,6 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    old: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread: leave the handlers alone
+            pass
     try:
         if args.command in ("train", "eval"):
             return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
@@ -169,9 +290,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LocosnnError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is in checkpoint.pt; continue with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
+        return interrupt_exit_code(e)
+    except OSError as e:  # the file system said no (permissions, disk full, ...): one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 if __name__ == "__main__":

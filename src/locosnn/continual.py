@@ -95,7 +95,7 @@ from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, 
 from .config import TrainConfig, load_config_file
 from .data import Dataset, Split, batches, load_dataset
 from .encoding import encode
-from .errors import LocosnnError, NonFiniteError
+from .errors import LocosnnError, NonFiniteError, interrupt_exit_code
 from .network import SpikingNetwork
 from .provenance import git_sha, machine, peak_rss_mb, versions
 from .rules import LearningRule, make_rule
@@ -726,6 +726,7 @@ writes into --out: config.json, matrix.json (R per mode + ACC/BWT/forgetting), r
 
 
 def add_parser(sub: Any) -> None:
+    from .config import OPTIMIZERS
     from .data import DATASETS
     from .rules import RULES
 
@@ -750,19 +751,19 @@ def add_parser(sub: Any) -> None:
                    help="class stream: classes per task (default n_classes / n_tasks)")
     p.add_argument("--class-order", dest="class_order",
                    help="class stream: comma-separated class order (e.g. 3,1,0,...) or 'seeded' (default 0..C-1)")
-    p.add_argument("--epochs", type=int, help=f"training epochs PER TASK (default {DEFAULT_EPOCHS_PER_TASK})")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"mini-batch size (default {d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
-    p.add_argument("--optimizer", choices=["adam", "sgd"],
+    p.add_argument("--epochs", metavar="N", help=f"training epochs PER TASK (default {DEFAULT_EPOCHS_PER_TASK})")
+    p.add_argument("--batch-size", dest="batch_size", metavar="N", help=f"mini-batch size (default {d.batch_size})")
+    p.add_argument("--lr", metavar="LR", help=f"learning rate (default {d.lr})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help=f"optimiser, one for the whole stream; use sgd with owm (default {d.optimizer})")
-    p.add_argument("--T", "-T", dest="T", type=int, help=f"time steps per sample (default {d.T})")
+    p.add_argument("--T", "-T", dest="T", metavar="T", help=f"time steps per sample (default {d.T})")
     p.add_argument("--encoder", choices=["direct", "rate", "latency"], help=f"input encoder (default {d.encoder})")
     p.add_argument("--loss", choices=["ce", "mse"], help=f"loss (default {d.loss})")
-    p.add_argument("--seed", type=int, help=f"random seed; also fixes the permutations and a seeded class order "
+    p.add_argument("--seed", metavar="S", help=f"random seed; also fixes the permutations and a seeded class order "
                                             f"(default {d.seed})")
-    p.add_argument("--val-size", dest="val_size", type=_cli()._count_or_fraction,
+    p.add_argument("--val-size", dest="val_size", metavar="N",
                    help="validation samples held out of training: a count or a fraction < 1")
-    p.add_argument("--limit", type=int, help="use only the first N train/val/test samples (quick runs)")
+    p.add_argument("--limit", metavar="N", help="use only the first N train/val/test samples (quick runs)")
     p.add_argument("--replay", type=int, help="replay buffer size in samples, class-balanced over the finished "
                                               "tasks, mixed into every batch of later tasks (default 0 = off)")
     p.add_argument("--replay-batch", dest="replay_batch", type=int,
@@ -770,8 +771,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--eval", help="evaluation: agnostic (argmax over all outputs), aware (logits masked to the "
                                   "task's classes) or both (default both)")
     p.add_argument("--rule-arg", dest="rule_arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="rule-specific setting, repeatable (value parsed as JSON when possible), "
-                        "e.g. alpha=0.1 for owm")
+                   help="rule-specific setting, repeatable (cast to the type of the rule's setting: "
+                        "booleans read true/false, yes/no, on/off, 1/0), e.g. alpha=0.1 for owm")
     p.add_argument("--out", default=None, help="run directory (default runs/continual-<rule>-<dataset>-<stream>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
@@ -791,9 +792,10 @@ FLAG_KEYS = ("rule", "dataset", "data_dir", "arch", "epochs", "batch_size", "lr"
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from --config (or the saved config of a run being resumed), overridden by flags."""
     settings: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    saved = Path(args.out or "") / "config.json"
-    if args.resume and args.out and not args.config and saved.exists():
-        settings = dict(json.loads(saved.read_text())["settings"])
+    if args.resume and args.out:
+        _cli().check_out_dir(Path(args.out), "continual", resume=True)
+        if not args.config:  # the run's own settings (from its checkpoint); flags given now still override
+            settings = dict(load_checkpoint(Path(args.out) / "checkpoint.pt", expect=("settings",))["settings"])
     for k in FLAG_KEYS:
         v = getattr(args, k, None)
         if v is None:
@@ -805,13 +807,10 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 raise LocosnnError(f"--class-order {args.class_order!r} must be comma-separated class numbers or "
                                    "'seeded'") from None
         settings[k] = v
-    rule_args = dict(settings.get("rule_args") or {})
-    for item in args.rule_arg:
-        if "=" not in item:
-            raise LocosnnError(f"--rule-arg {item!r} must be KEY=VALUE")
-        k, v = item.split("=", 1)
-        rule_args[k] = _cli()._parse_value(v)
-    settings["rule_args"] = rule_args
+    rule_args = settings.get("rule_args") or {}
+    if not isinstance(rule_args, dict):
+        raise LocosnnError(f"rule_args must be a table of rule settings (KEY = VALUE), got {rule_args!r}")
+    settings["rule_args"] = _cli().parse_rule_args(args.rule_arg, rule_args)
     return settings
 
 
@@ -824,14 +823,20 @@ def format_matrix(R: Sequence[Sequence[float]]) -> str:
 
 
 def cmd_continual(args: argparse.Namespace) -> int:
+    from .checkpoint import DirLock
+
     settings = settings_from_args(args)
     cfg, ccfg = split_settings(settings)
-    out = args.out or f"runs/continual-{cfg.rule}-{cfg.dataset}-{ccfg.stream}"
+    out = Path(args.out or f"runs/continual-{cfg.rule}-{cfg.dataset}-{ccfg.stream}")
+    if out.exists() and not out.is_dir():
+        raise LocosnnError(f"--out {out} is an existing file, not a directory; choose another --out")
     try:
-        res = run_continual(settings, out=out, resume=args.resume, progress=args.progress)
-    except KeyboardInterrupt:
+        with DirLock(out, "continual"):
+            _cli().check_out_dir(out, "continual", args.resume)
+            res = run_continual(settings, out=out, resume=args.resume, progress=args.progress)
+    except KeyboardInterrupt as e:
         print(f"interrupted: the finished tasks are in {out}/checkpoint.pt; continue with --resume", file=sys.stderr)
-        return 130
+        return interrupt_exit_code(e)
     for m, R in res["R"].items():
         met = res["metrics"].get(m)
         print(f"\n{m}: accuracy (%) after training task i (rows) on task j (columns)")

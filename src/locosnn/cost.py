@@ -171,15 +171,89 @@ def state_bytes(obj: Any) -> int:
 # Cost-of-learning metrics (NeuroBench-style metric objects; no dependency on another SNN library)
 # ---------------------------------------------------------------------------------------------
 
+class SynapseCounter:
+    """Synaptic operations of the layer calls made while it is installed, counted as NeuroBench's
+    ``SynapticOperations`` counts them (neurobench.metrics.workload, 2.x):
+
+    * per layer call, the input is *spiking* when every value is 0, 1 or -1, else *analog*
+      (direct-current input to the first layer, rate-proxy outputs, output-site noise);
+    * effective operations = the (nonzero input, nonzero weight) pairs the call touches, i.e.
+      the sum of the layer applied to its binarised input with binarised weights and no bias
+      (linear: sum_j nnz(x_j) * nnz(W[:, j]); conv: exact per output position, padding and
+      stride included); they are accumulates (``ac``) for a spiking input and multiply-
+      accumulates (``mac``) for an analog one;
+    * ``dense``: the same with every input and weight counted (NeuroBench's "Dense").
+
+    ``with SynapseCounter(network) as c: network.run(x)`` counts one pass; totals are for the
+    whole batch (NeuroBench reports them per sample: divide by the batch size)."""
+
+    def __init__(self, network: SpikingNetwork) -> None:
+        self.network = network
+        self.ac = 0.0
+        self.mac = 0.0
+        self.dense = 0.0
+        self._dense_cache: dict[tuple, float] = {}
+        self._saved: list[tuple[Any, Any]] = []
+
+    def count(self, layer: Any, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            x = x.detach()
+            nz = x != 0
+            spiking = bool(((x == 0) | (x == 1) | (x == -1)).all())
+            w = (layer.weight.detach() != 0).to(torch.float64)
+            if getattr(layer, "kind", "linear") == "linear":
+                n = x.shape[0]
+                ops = float(nz.reshape(n, -1).sum(0).to(torch.float64) @ w.sum(0))
+                dense = float(x.numel()) * layer.weight.shape[0]
+            else:
+                ops = float(torch.nn.functional.conv2d(nz.to(torch.float64), w.sum(0, keepdim=True),
+                                                       stride=layer.stride, padding=layer.padding,
+                                                       dilation=layer.dilation).sum())
+                dense = x.shape[0] * self._conv_dense(layer, tuple(x.shape[1:]))
+        if spiking:
+            self.ac += ops
+        else:
+            self.mac += ops
+        self.dense += dense
+
+    def _conv_dense(self, layer: Any, shape: tuple[int, ...]) -> float:
+        """Synapses of one sample's conv call: every in-bounds (input, weight) pair."""
+        key = (id(layer), shape, tuple(layer.weight.shape))
+        if key not in self._dense_cache:
+            ones = torch.ones((1, *shape), dtype=torch.float64)
+            k = torch.ones((1, *layer.weight.shape[1:]), dtype=torch.float64)
+            per = torch.nn.functional.conv2d(ones, k, stride=layer.stride, padding=layer.padding,
+                                             dilation=layer.dilation).sum()
+            self._dense_cache[key] = float(per) * layer.weight.shape[0]
+        return self._dense_cache[key]
+
+    def __enter__(self) -> "SynapseCounter":
+        for layer in self.network.layers:
+            orig = layer.current
+
+            def current(x: torch.Tensor, _layer: Any = layer, _orig: Any = orig) -> torch.Tensor:
+                self.count(_layer, x)
+                return _orig(x)
+            self._saved.append((layer, orig))
+            layer.current = current
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer, _ in self._saved:
+            del layer.current
+        self._saved.clear()
+
+
 class StepProbe:
     """Runs one training step of ``rule`` on ``network`` and records what it cost.
 
     Counted while the step runs (the optimiser step included when ``opt`` is given):
     forward passes (calls of ``network.run`` weighted by the rows they carry, divided by the
     batch size: a concatenated clean+noisy pass of 2B rows counts 2), synaptic operations
-    of those passes (per layer call: accumulate ops = nonzero presynaptic events x fan-out,
-    as NeuroBench counts ACs for spiking inputs; dense MACs = all presynaptic values x
-    fan-out), wall time, and the rule's state bytes after the step."""
+    of those passes as NeuroBench counts them (:class:`SynapseCounter`: accumulates ``syn_ac``
+    for spiking inputs, multiply-accumulates ``syn_mac`` for analog ones such as the first layer
+    under direct encoding, and the dense total ``syn_dense``), wall time, and the rule's state
+    bytes after the step."""
 
     def __init__(self, rule: LearningRule, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor,
                  opt: torch.optim.Optimizer | None = None) -> None:
@@ -187,52 +261,28 @@ class StepProbe:
         self.batch = x_seq.shape[1]
         self.rows = 0
         self.calls = 0
-        self.syn_acs = 0.0
-        self.syn_macs = 0.0
-        run, currents = network.run, []
+        run = network.run
 
         def counting_run(xs: torch.Tensor, *a: Any, **k: Any):
             self.calls += 1
             self.rows += xs.shape[1]
             return run(xs, *a, **k)
 
-        def wrap(layer: Any):
-            orig = layer.current
-
-            def current(x: torch.Tensor) -> torch.Tensor:
-                fan_out = _fan_out(layer)
-                self.syn_acs += float((x != 0).sum()) * fan_out
-                self.syn_macs += float(x.numel()) * fan_out
-                return orig(x)
-            currents.append((layer, orig))
-            layer.current = current
-
         network.run = counting_run  # type: ignore[method-assign]
-        for layer in network.layers:
-            wrap(layer)
+        counter = SynapseCounter(network)
         try:
-            t0 = time.perf_counter()
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            self.report = rule.step(network, x_seq, y)
-            if opt is not None:
-                opt.step()
-            self.wall_s = time.perf_counter() - t0
+            with counter:
+                t0 = time.perf_counter()
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+                self.report = rule.step(network, x_seq, y)
+                if opt is not None:
+                    opt.step()
+                self.wall_s = time.perf_counter() - t0
         finally:
             del network.run
-            for layer, _ in currents:
-                del layer.current
+        self.syn_ac, self.syn_mac, self.syn_dense = counter.ac, counter.mac, counter.dense
         self.state_bytes = state_bytes(rule.state_dict())
-
-
-def _fan_out(layer: Any) -> float:
-    """Synapses leaving one presynaptic value: out_features (linear), or out_channels x
-    kernel area / stride area (conv, the average over positions)."""
-    if getattr(layer, "kind", "linear") == "linear":
-        return float(layer.weight.shape[0])
-    kh, kw = layer.kernel_size
-    sh, sw = layer.stride
-    return float(layer.weight.shape[0] * kh * kw) / (sh * sw)
 
 
 class CostMetric:
@@ -264,22 +314,40 @@ class UpdateStages(CostMetric):
 
 
 class SynapticOps(CostMetric):
-    """Synaptic accumulate operations (nonzero presynaptic events x fan-out) of every forward pass
-    of one update, per sample."""
+    """Synaptic operations of every forward pass of one update, per sample: accumulates plus
+    multiply-accumulates (NeuroBench's Effective_ACs + Effective_MACs; see :class:`SynapseCounter`)."""
     name, unit = "synops_per_sample", "ops"
 
     def __call__(self, probe, rule, network, x_seq, y):
-        return probe.syn_acs / probe.batch
+        return (probe.syn_ac + probe.syn_mac) / probe.batch
+
+
+class SynapticACs(CostMetric):
+    """Accumulate operations (layer calls with spiking inputs) per sample: NeuroBench's Effective_ACs."""
+    name, unit = "synops_ac", "ACs"
+
+    def __call__(self, probe, rule, network, x_seq, y):
+        return probe.syn_ac / probe.batch
+
+
+class SynapticMACs(CostMetric):
+    """Multiply-accumulates (layer calls with analog inputs, e.g. the first layer under direct
+    encoding) per sample: NeuroBench's Effective_MACs."""
+    name, unit = "synops_mac", "MACs"
+
+    def __call__(self, probe, rule, network, x_seq, y):
+        return probe.syn_mac / probe.batch
 
 
 class DenseMACs(CostMetric):
-    """Dense multiply-accumulates of the same passes, per sample (what a non-event-driven chip does)."""
+    """Dense multiply-accumulates of the same passes, per sample (what a non-event-driven chip does;
+    NeuroBench's Dense)."""
     name, unit = "dense_macs_per_sample", "MACs"
 
     def __call__(self, probe, rule, network, x_seq, y):
         # rules that push extra dense products outside network.run (SFDFA's forward-mode tangent)
         # report them as ``extra_macs`` (whole batch)
-        return (probe.syn_macs + float(probe.report.get("extra_macs", 0.0))) / probe.batch
+        return (probe.syn_dense + float(probe.report.get("extra_macs", 0.0))) / probe.batch
 
 
 class RuleStateBytes(CostMetric):
@@ -298,8 +366,8 @@ class StepWallTime(CostMetric):
         return probe.wall_s
 
 
-DEFAULT_METRICS: tuple[type[CostMetric], ...] = (ForwardPasses, UpdateStages, SynapticOps, DenseMACs,
-                                                   RuleStateBytes, StepWallTime)
+DEFAULT_METRICS: tuple[type[CostMetric], ...] = (ForwardPasses, UpdateStages, SynapticOps, SynapticACs, SynapticMACs,
+                                                   DenseMACs, RuleStateBytes, StepWallTime)
 
 
 def measure_cell(settings: dict[str, Any], repeats: int = 5, fresh_process: bool = True) -> dict[str, Any]:

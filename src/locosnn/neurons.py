@@ -1,9 +1,20 @@
 """Pure neuron step functions with explicit state.
 
-Discrete-time LIF with soft reset (ALGORITHMS.md, "Neuron"):
+Discrete-time LIF (ALGORITHMS.md, "Neuron"), with soft reset (``reset="subtract"``, the default):
 
     v[t] = beta * v[t-1] + I[t] - theta * s[t-1]
     s[t] = H(v[t] - theta)
+
+or hard reset (``reset="zero"``: after a spike the membrane restarts from 0, as NIR's LIF/IF with
+v_reset = 0 and snnTorch's ``reset_mechanism="zero"``; see :mod:`locosnn.export`):
+
+    v[t] = beta * (1 - s[t-1]) * v[t-1] + I[t]
+    s[t] = H(v[t] - theta)
+
+``v[t]`` is the membrane before its own reset (what the surrogate is evaluated at). Under autograd
+(BPTT) the hard reset's gate ``(1 - s[t-1])`` is detached: no surrogate gradient flows through the
+reset, only through ``v[t-1]`` on steps without a spike (the soft reset's ``- theta * s[t-1]`` is
+not detached, as before).
 
 IF is LIF with beta = 1. The rate proxy is the IF firing-rate function
 f(z) = clip(z / theta, 0, 1) applied to the current, with no state.
@@ -22,6 +33,7 @@ from .errors import LocosnnError
 
 NEURON_MODELS = ("lif", "if", "rate")
 SURROGATES = ("fast_sigmoid", "atan")
+RESETS = ("subtract", "zero")
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,8 @@ class NeuronConfig:
     theta: firing threshold.
     surrogate: "fast_sigmoid" (d s/d v = 1 / (1 + k|v - theta|)^2) or
         "atan" (d s/d v = 1 / (1 + (pi k (v - theta) / 2)^2)); k = ``slope``.
+    reset: "subtract" (soft reset: v -= theta after a spike) or "zero" (hard reset to 0; exports
+        exactly to NIR's LIF/IF, see :mod:`locosnn.export`). Ignored by the rate proxy.
     """
 
     model: str = "lif"
@@ -40,12 +54,15 @@ class NeuronConfig:
     theta: float = 1.0
     surrogate: str = "fast_sigmoid"
     slope: float = 5.0
+    reset: str = "subtract"
 
     def __post_init__(self) -> None:
         if self.model not in NEURON_MODELS:
             raise LocosnnError(f"unknown neuron model {self.model!r}; choose one of {', '.join(NEURON_MODELS)}")
         if self.surrogate not in SURROGATES:
             raise LocosnnError(f"unknown surrogate {self.surrogate!r}; choose one of {', '.join(SURROGATES)}")
+        if self.reset not in RESETS:
+            raise LocosnnError(f"unknown reset {self.reset!r}; choose one of {', '.join(RESETS)}")
         if not 0.0 <= self.beta <= 1.0:
             raise LocosnnError(f"beta must lie in [0, 1], got {self.beta}")
 
@@ -85,6 +102,9 @@ def spike(v: torch.Tensor, cfg: NeuronConfig) -> torch.Tensor:
 
 def lif_step(v: torch.Tensor, s: torch.Tensor, current: torch.Tensor, cfg: NeuronConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One LIF/IF step: returns (v[t], s[t]) from (v[t-1], s[t-1], I[t])."""
+    if cfg.reset == "zero":
+        v_new = cfg.decay * (1.0 - s.detach()) * v + current
+        return v_new, spike(v_new, cfg)
     v_new = cfg.decay * v + current - cfg.theta * s
     return v_new, spike(v_new, cfg)
 

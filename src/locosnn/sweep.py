@@ -138,9 +138,9 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from .checkpoint import atomic_write_bytes, atomic_write_json
-from .config import TrainConfig
-from .errors import LocosnnError, NonFiniteError
+from .checkpoint import DirLock, atomic_write_bytes, atomic_write_json
+from .config import TrainConfig, read_config_text
+from .errors import LocosnnError, NonFiniteError, interrupt_exit_code
 
 KINDS = ("train", "continual", "cost")
 DEFAULT_ARCH_TEMPLATE = "784-{width}x{depth}-10"
@@ -209,9 +209,9 @@ def parse_config_text(text: str, suffix: str, name: str = "config") -> dict[str,
 def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     """Read and expand a sweep config file (see the module docstring)."""
     path = Path(path)
-    if not path.exists():
-        raise LocosnnError(f"sweep config {path} not found")
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml") and path.exists():
+        raise LocosnnError(f"sweep config {path}: use .toml, .yaml or .yml")
+    text = read_config_text(path, "sweep config")
     data = parse_config_text(text, path.suffix, str(path))
     return build_sweep(data, text=text, path=path, out=out)
 
@@ -578,6 +578,58 @@ def cell_status(out: Path, cell: Cell) -> str:
     return "pending"
 
 
+_IN_CELL = False  # in a worker process: is a cell running?
+_STOPPING = False  # in a worker process: has a signal asked it to stop?
+
+
+def _worker_signal(signum: int, frame: Any) -> None:
+    """SIGINT / SIGTERM in a worker: unwind the running cell (atomic writes remove their temporary files;
+    the cell's checkpoint is the last finished epoch) and exit; an idle worker exits at once. Later signals
+    (Ctrl-C reaches the worker, then the parent's SIGTERM) do not interrupt that clean-up."""
+    global _STOPPING
+    if _STOPPING:
+        return
+    _STOPPING = True
+    if _IN_CELL:
+        raise KeyboardInterrupt
+    os._exit(128 + signum)
+
+
+def _worker_init() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _worker_signal)
+    signal.signal(signal.SIGTERM, _worker_signal)
+
+
+def _run_cell_in_worker(task: dict[str, Any]) -> dict[str, Any]:
+    global _IN_CELL
+    _IN_CELL = True
+    try:
+        return run_cell(task)
+    except KeyboardInterrupt:
+        os._exit(130)  # the pool must not hand this worker another cell
+    finally:
+        _IN_CELL = False
+
+
+def _stop_workers(ex: Any, grace_s: float = 2.0) -> None:
+    """Stop a process pool now: cancel what has not started, SIGTERM the workers, SIGKILL any that are still
+    alive after ``grace_s`` seconds."""
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
 def _engine_local(tasks: list[dict], workers: int, on_done) -> None:
     if workers <= 0:
         for t in tasks:
@@ -587,19 +639,21 @@ def _engine_local(tasks: list[dict], workers: int, on_done) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=mp.get_context("spawn")) as ex:
-        futs = {ex.submit(run_cell, t): t for t in tasks}
-        try:
-            for f in as_completed(futs):
-                t = futs[f]
-                try:
-                    res = f.result()
-                except BrokenProcessPool as e:
-                    res = {"cell": t["cell"]["id"], "status": "error", "error": f"worker died: {e}", "wall_s": None}
-                on_done(t, res)
-        except BaseException:
-            ex.shutdown(wait=False, cancel_futures=True)
-            raise
+    ex = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init)
+    try:
+        futs = {ex.submit(_run_cell_in_worker, t): t for t in tasks}
+        for f in as_completed(futs):
+            t = futs[f]
+            try:
+                res = f.result()
+            except BrokenProcessPool as e:
+                res = {"cell": t["cell"]["id"], "status": "error", "error": f"worker died: {e}", "wall_s": None}
+            on_done(t, res)
+    except BaseException:  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt), an error in on_done
+        _stop_workers(ex)
+        raise
+    ex.shutdown(wait=True)
 
 
 def _engine_ray(tasks: list[dict], threads: int, address: Optional[str], workers: Optional[int], on_done) -> None:
@@ -672,6 +726,17 @@ def run_sweep(config: str | Path | Sweep, out: str | Path | None = None, workers
         if bad:
             raise LocosnnError(f"--only {', '.join(bad)}: no such grid; the config has {', '.join(sweep.grids)}")
         selected = [c for c in sweep.cells if c.grid in only]
+    if dry_run:
+        return _run_selected(sweep, outp, selected, workers, threads, engine, address, only, True, command, echo)
+    if outp.exists() and not outp.is_dir():
+        raise LocosnnError(f"--out {outp} is an existing file, not a directory; choose another --out")
+    with DirLock(outp, "bench"):  # one `locosnn bench` per output directory at a time
+        return _run_selected(sweep, outp, selected, workers, threads, engine, address, only, False, command, echo)
+
+
+def _run_selected(sweep: Sweep, outp: Path, selected: list[Cell], workers: int, threads: int, engine: str,
+                  address: Optional[str], only: Optional[list[str]], dry_run: bool, command: Optional[str],
+                  echo) -> dict[str, Any]:
     status = {c.id: cell_status(outp, c) for c in selected}
     done_before = [c.id for c in selected if status[c.id] == "finished"]
     todo = [c for c in selected if status[c.id] != "finished"]
@@ -808,7 +873,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         res = run_sweep(args.config, out=args.out, workers=workers, threads=args.threads, engine=args.engine,
                         address=args.address, only=only, dry_run=args.dry_run, command=_command_line(args, only))
-    except KeyboardInterrupt:
-        print("interrupted: finished cells are kept; rerun the same command to resume the others", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("interrupted: the workers are stopped; finished cells are kept; rerun the same command to resume "
+              "the others", file=sys.stderr)
+        return interrupt_exit_code(e)
     return 1 if res["errors"] else 0

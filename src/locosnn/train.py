@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,14 +34,24 @@ from .rules import LearningRule, make_rule
 
 def build_network(cfg: TrainConfig, seed: int | None = None) -> SpikingNetwork:
     torch.manual_seed(cfg.seed if seed is None else seed)
-    neuron = NeuronConfig(model=cfg.neuron, beta=cfg.beta, theta=cfg.theta, surrogate=cfg.surrogate, slope=cfg.slope)
+    neuron = NeuronConfig(model=cfg.neuron, beta=cfg.beta, theta=cfg.theta, surrogate=cfg.surrogate, slope=cfg.slope,
+                          reset=cfg.reset)
     return SpikingNetwork(cfg.arch, neuron=neuron, readout=cfg.readout, init=cfg.init, init_gain=cfg.init_gain)
 
 
 def build_optimizer(cfg: TrainConfig, net: SpikingNetwork) -> torch.optim.Optimizer:
+    """adam, sgd (momentum 0.9) or nmom (per-tensor normalised momentum + per-neuron weight-norm
+    projection, ``locosnn.optim``); the output layer gets ``cfg.readout_lr`` when set."""
+    out_params = list(net.layers[-1].parameters())
+    ids = {id(p) for p in out_params}
+    rest = [p for p in net.parameters() if id(p) not in ids]
+    params: list = [{"params": rest}, {"params": out_params, "lr": cfg.readout_lr or cfg.lr}]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "nmom":
+        from .optim import NormalizedMomentum
+        return NormalizedMomentum(params, lr=cfg.lr, momentum=0.9, row_norm=True, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()
@@ -77,6 +88,40 @@ def check_finite(net: SpikingNetwork, report: dict[str, Any], epoch: int, step: 
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 raise NonFiniteError(f"non-finite update in layer {li} ({pname}) at epoch {epoch}, step {step}; "
                                      "the last good checkpoint is kept (lower --lr?)")
+
+
+def check_weights_finite(net: SpikingNetwork, epoch: int, step: int) -> None:
+    """After an optimiser step: stop on an overflowed weight before it is evaluated or checkpointed."""
+    for li, layer in enumerate(net.layers):
+        for pname, p in layer.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise NonFiniteError(f"non-finite weights in layer {li} ({pname}) after the update at epoch {epoch}, "
+                                     f"step {step}; the last good checkpoint is kept (lower --lr?)")
+
+
+#: an epoch's train loss above this, or above LOSS_GROWTH x the first epoch's, gets a warning
+LOSS_WARN, LOSS_GROWTH = 1e6, 1e3
+
+
+def loss_warning(history: list[dict]) -> Optional[str]:
+    """A warning line when the last epoch's train loss is unbounded-looking (finite but huge), else None."""
+    loss, first = history[-1].get("train_loss"), history[0].get("train_loss")
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return None
+    if loss > LOSS_WARN:
+        why = f"above {LOSS_WARN:g}"
+    elif len(history) > 1 and isinstance(first, (int, float)) and first > 0 and loss > LOSS_GROWTH * first:
+        why = f"more than {LOSS_GROWTH:g}x the first epoch's ({first:.4g})"
+    else:
+        return None
+    return (f"warning: epoch {history[-1].get('epoch')}: train loss {loss:.4g} is {why}; the run is probably "
+            "diverging (lower --lr?)")
+
+
+def epoch_summary(row: dict[str, Any]) -> str:
+    """The one-line summary of an epoch printed by the trainer."""
+    return (f"epoch {row['epoch']}: loss {row['train_loss']:.4f} train {row['train_acc']:.4f} "
+            f"val {row['val_acc']:.4f} test {row['test_acc']:.4f} ({row['epoch_time_s']:.1f}s)")
 
 
 class Trainer:
@@ -132,8 +177,20 @@ class Trainer:
         atomic_write_json(self.out / "config.json", meta)
 
     # -- the loop -------------------------------------------------------------
+    def set_lr(self) -> float:
+        """Learning rates of this epoch from the schedule (a function of the epoch only, so resume is exact)."""
+        cfg = self.cfg
+        f = 1.0
+        if cfg.lr_schedule == "cosine":
+            f = 0.5 * (1 + math.cos(math.pi * self.epoch / cfg.epochs))
+        base = [cfg.lr, cfg.readout_lr or cfg.lr]
+        for group, lr in zip(self.opt.param_groups, base):
+            group["lr"] = lr * f
+        return f
+
     def train_epoch(self) -> dict[str, float]:
         cfg = self.cfg
+        self.set_lr()
         self.net.train()
         shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
         n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
@@ -157,6 +214,7 @@ class Trainer:
             check_finite(self.net, report, self.epoch + 1, step)
             self.opt.step()
             step_time += time.perf_counter() - t_step
+            check_weights_finite(self.net, self.epoch + 1, step)
             for k, v in report.items():
                 if k not in ("loss", "out") and isinstance(v, (int, float)):
                     extras.setdefault(k, []).append(float(v))
@@ -199,8 +257,10 @@ class Trainer:
                 lines = "".join(json.dumps(r) + "\n" for r in self.history)
                 atomic_write_bytes(self.out / "metrics.jsonl", lambda f: f.write(lines.encode()))
             if self.progress:
-                print(f"epoch {row['epoch']}: loss {row['train_loss']:.4f} train {row['train_acc']:.4f} "
-                      f"val {row['val_acc']:.4f} test {row['test_acc']:.4f} ({t_train:.1f}s)", flush=True)
+                print(epoch_summary(row), flush=True)
+            warn = loss_warning(self.history)
+            if warn:
+                print(warn, file=sys.stderr, flush=True)
             if self.on_epoch:
                 self.on_epoch(row)
         return self.history
