@@ -101,11 +101,13 @@ rule = {rules}
 """
 
 
-@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+                         ids=["sigterm", "sigint", "ctrl-c"])
 def test_interrupted_bench_stops_its_workers_promptly_and_keeps_finished_cells(tmp_path, sig, group):
+    """Two workers, four cells: bptt finishes at once, fa and np train, dfa waits for a worker."""
     out = tmp_path / "out"
     cfg = tmp_path / "sweep.toml"
-    cfg.write_text(LONG_SWEEP.format(out=out, rules='["bptt", "fa", "np"]'))
+    cfg.write_text(LONG_SWEEP.format(out=out, rules='["bptt", "fa", "np", "dfa"]'))
     p = spawn(["bench", cfg, "--workers", "2"], tmp_path, "bench")
     kids = []
     try:
@@ -120,7 +122,7 @@ def test_interrupted_bench_stops_its_workers_promptly_and_keeps_finished_cells(t
             os.killpg(p.pid, sig)
         else:  # kill PID
             p.send_signal(sig)
-        rc = p.wait(timeout=60)
+        rc = p.wait(timeout=30)
         took = time.monotonic() - t0
         err = (tmp_path / "bench.err").read_text()
         assert rc == 128 + sig and "interrupted" in err and "Traceback" not in err, err

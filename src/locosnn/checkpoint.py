@@ -53,7 +53,7 @@ def load_checkpoint(path: str | Path, expect: Iterable[str] = ()) -> dict[str, A
     try:
         st = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - unpickling garbage raises anything from EOFError to RuntimeError
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]
         raise LocosnnError(f"checkpoint {path} cannot be read; it is truncated or corrupt "
                            f"({type(e).__name__}: {first})") from None
     missing = [k for k in expect if not isinstance(st, dict) or k not in st]

@@ -245,10 +245,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors (a bad choice, a missing value, an unknown flag) are one `error:` line, exit 2, like every
+    other bad input; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="locosnn", description="Train spiking neural networks without backpropagation "
-                                "(LOCO, node perturbation, ...) beside a BPTT reference.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="locosnn", description="Train spiking neural networks without backpropagation "
+               "(LOCO, node perturbation, ...) beside a BPTT reference.",
+               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"locosnn {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)

@@ -182,6 +182,10 @@ def _cast(name: str, value: Any, cast: Callable[[Any], Any], where: str = "") ->
 # -- the run configuration ---------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
+    """Every setting of a training run; the fields are the `locosnn train` flags (dashes become
+    underscores) and the keys of a TOML/YAML config. :meth:`validate` casts and checks them all.
+    ``rule_args`` holds the rule's own settings (``--rule-arg KEY=VALUE``)."""
+
     rule: str = "bptt"
     dataset: str = "fashion-mnist"
     arch: str = "784-500-500-10"
@@ -337,9 +341,15 @@ def rule_arg_types(rule: str) -> dict[str, Any]:
 
 def cast_rule_args(rule: str, args: dict[str, Any]) -> dict[str, Any]:
     """Cast each rule setting to the type annotated on the rule's ``__init__`` and check its range.
-    Settings the rule does not have are left as they are (``make_rule`` names them)."""
+    A setting a registered rule does not have is an error naming the rule's settings; the settings of a rule
+    that is not registered (a rule object passed to the Trainer) are left as they are."""
     types = rule_arg_types(rule)
     checks = RULE_ARG_CHECKS.get(rule, {})
+    own = sorted(k for k in types if k not in ("loss", "seed"))
+    unknown = sorted(str(k) for k in args if types and str(k) not in types)
+    if unknown:
+        raise LocosnnError(f"rule {rule!r} has no setting {', '.join(unknown)}; "
+                           + (f"its settings: {', '.join(own)}" if own else "it has no settings of its own"))
     out: dict[str, Any] = {}
     for k, v in args.items():
         k = str(k)

@@ -99,7 +99,7 @@ from .errors import LocosnnError, NonFiniteError, interrupt_exit_code
 from .network import SpikingNetwork
 from .provenance import git_sha, machine, peak_rss_mb, versions
 from .rules import LearningRule, make_rule
-from .train import build_network, build_optimizer, check_compatible, check_finite
+from .train import build_network, build_optimizer, check_compatible, check_finite, check_weights_finite
 
 STREAMS = ("class", "permuted", "label_sorted")
 STREAM_ALIASES = {"split": "class", "class-incremental": "class", "class_incremental": "class",
@@ -631,6 +631,10 @@ class ContinualRun:
                     except NonFiniteError as err:
                         raise NonFiniteError(f"task {t + 1}/{len(self.tasks)}: {err}") from None
                     self.opt.step()
+                    try:
+                        check_weights_finite(self.net, e + 1, step)
+                    except NonFiniteError as err:
+                        raise NonFiniteError(f"task {t + 1}/{len(self.tasks)}: {err}") from None
                     step_time += time.perf_counter() - t0
                     steps += 1
                     loss_sum += report["loss"] * B

@@ -15,6 +15,10 @@ ENCODERS = ("direct", "rate", "latency")
 
 def encode(x: torch.Tensor, T: int, kind: str = "direct", generator: torch.Generator | None = None,
            threshold: float = 0.01) -> torch.Tensor:
+    """Encode a batch x (B, ...) in [0, 1] as a (T, B, ...) input sequence: ``direct`` (the
+    value as a constant current every step), ``rate`` (Bernoulli spikes with probability x,
+    drawn from ``generator``) or ``latency`` (one spike, earlier for larger x; values below
+    ``threshold`` never spike)."""
     if T < 1:
         raise LocosnnError(f"T must be >= 1, got {T}")
     if kind == "direct":

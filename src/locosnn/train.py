@@ -42,10 +42,11 @@ def build_network(cfg: TrainConfig, seed: int | None = None) -> SpikingNetwork:
 def build_optimizer(cfg: TrainConfig, net: SpikingNetwork) -> torch.optim.Optimizer:
     """adam, sgd (momentum 0.9) or nmom (per-tensor normalised momentum + per-neuron weight-norm
     projection, ``locosnn.optim``); the output layer gets ``cfg.readout_lr`` when set."""
-    out_params = list(net.layers[-1].parameters())
-    ids = {id(p) for p in out_params}
-    rest = [p for p in net.parameters() if id(p) not in ids]
-    params: list = [{"params": rest}, {"params": out_params, "lr": cfg.readout_lr or cfg.lr}]
+    params: list = list(net.parameters())
+    if cfg.readout_lr is not None:  # two groups only then, so runs without it keep one group (and resume)
+        out_params = list(net.layers[-1].parameters())
+        ids = {id(p) for p in out_params}
+        params = [{"params": [p for p in params if id(p) not in ids]}, {"params": out_params, "lr": cfg.readout_lr}]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "nmom":
@@ -160,7 +161,8 @@ class Trainer:
         st = load_checkpoint(path)
         old = dict(st["config"])
         new = self.cfg.to_dict()
-        diff = [k for k in new if k != "epochs" and old.get(k) != new[k]]
+        defaults = TrainConfig().to_dict()  # settings added since the run was saved have their defaults
+        diff = [k for k in new if k != "epochs" and old.get(k, defaults.get(k)) != new[k]]
         if diff:
             raise LocosnnError(f"cannot resume {path.parent}: config differs in {', '.join(diff)}")
         self.net.load_state_dict(st["model"])

@@ -18,6 +18,8 @@ RULES: dict[str, type[LearningRule]] = {"bptt": BPTT, "np": NodePerturbation, "l
 
 
 def make_rule(name: str, **kwargs: Any) -> LearningRule:
+    """The learning rule registered as ``name`` (see ``RULES``), built with its settings
+    (``loss``, ``seed`` and the rule's own keyword arguments); unknown settings are an error."""
     if name not in RULES:
         raise LocosnnError(f"unknown rule {name!r}; available: {', '.join(sorted(RULES))}")
     import inspect
