@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test train bench-bptt bench-loco bench-cost bench-sal bench report clean
+.PHONY: setup test train bench-bptt bench-loco bench-cost bench-sal bench report results clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -39,8 +39,12 @@ bench:
 	$(BIN)/locosnn bench benchmarks/sweep.toml --workers 2 --only continual,continual_matched,continual_seeds
 	$(BIN)/locosnn bench benchmarks/sweep.toml --workers 1 --only cost,cost_T
 
-report:
-	$(BIN)/locosnn report benchmarks/sweep --out benchmarks/report
+# the sweep's report (benchmarks/report: report.html, report.md, figures/) and, from the same data,
+# RESULTS.md and the results table in README.md; `make report` is the same thing
+results:
+	$(BIN)/locosnn report benchmarks/sweep --out benchmarks/report --results-md RESULTS.md --readme-table README.md
+
+report: results
 
 clean:
 	rm -rf $(VENV) runs

@@ -27,6 +27,15 @@ Sections, each only when its data exists (otherwise a one-line note says why it 
 * a table of the best test accuracy per rule (chosen by validation accuracy, never by test).
 
 Every figure is captioned with the command(s) and git SHA(s) that produced its data.
+
+Two optional outputs keep a repository's results pages generated, never typed by hand:
+
+* ``--results-md PATH`` (:func:`write_results_md`): ``report.md`` copied to PATH (e.g. the
+  repository's ``RESULTS.md``) with its figure links rewritten relative to PATH and a header
+  naming the command that regenerates it, the sweep config and the git SHA that produced the data;
+* ``--readme-table FILE`` (:func:`update_readme_table`): the summary table (test accuracy per rule
+  at the default architecture, mean ± std over seeds, :func:`summary_table`) written between the
+  markers ``<!-- results-table:begin -->`` and ``<!-- results-table:end -->`` of FILE.
 """
 from __future__ import annotations
 
@@ -35,6 +44,9 @@ import base64
 import html
 import json
 import math
+import os
+import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -722,8 +734,13 @@ def render(sections: list[Section], sources: list[Source], out: Path, title: str
 
 
 def build_report(results: list[str | Path], out: str | Path | None = None, cl_mode: Optional[str] = None,
-                 title: str = "locosnn results") -> dict[str, Any]:
-    """Write report.html, report.md and figures/*.png; returns their paths and the sections' notes."""
+                 title: str = "locosnn results", results_md: str | Path | None = None,
+                 readme_table: str | Path | None = None, command: Optional[str] = None) -> dict[str, Any]:
+    """Write report.html, report.md and figures/*.png; returns their paths and the sections' notes.
+
+    ``results_md``: also write that file (:func:`write_results_md`); ``readme_table``: refresh the
+    summary table in that file (:func:`update_readme_table`); ``command``: the command line named in
+    their headers as the one that regenerates them (default: this call as ``locosnn report``)."""
     if not results:
         raise LocosnnError("give at least one sweep output directory")
     df, sources = load_results(list(results))
@@ -751,8 +768,173 @@ def build_report(results: list[str | Path], out: str | Path | None = None, cl_mo
             print(f"warning: report section {title_!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
             sections.append(Section(title_, notes=[f"Section failed ({type(e).__name__}: {e}): omitted."]))
     html_path, md_path = render(sections, sources, out, title)
-    return {"html": html_path, "md": md_path, "figures": [out / "figures" / f for s in sections for f, _ in s.figures],
-            "notes": [n for s in sections for n in s.notes], "sections": sections}
+    res: dict[str, Any] = {"html": html_path, "md": md_path,
+                           "figures": [out / "figures" / f for s in sections for f, _ in s.figures],
+                           "notes": [n for s in sections for n in s.notes], "sections": sections}
+    if command is None:
+        command = report_command(results, out, cl_mode, title, results_md, readme_table)
+    if results_md is not None:
+        res["results_md"] = write_results_md(md_path, results_md, sources, command)
+    if readme_table is not None:
+        res["readme_table"] = update_readme_table(readme_table, df, sources, command)
+    return res
+
+
+# -- generated pages outside the report directory (RESULTS.md, the README's table) ---------------------
+TABLE_BEGIN = "<!-- results-table:begin -->"
+TABLE_END = "<!-- results-table:end -->"
+
+
+def report_command(results: list[str | Path], out: str | Path | None, cl_mode: Optional[str] = None,
+                   title: str = "locosnn results", results_md: str | Path | None = None,
+                   readme_table: str | Path | None = None) -> str:
+    """The ``locosnn report`` command line that makes this report (named in generated files)."""
+    words = ["locosnn", "report", *map(str, results)]
+    if out is not None:
+        words += ["--out", str(out)]
+    if cl_mode:
+        words += ["--cl-mode", cl_mode]
+    if title != "locosnn results":
+        words += ["--title", title]
+    if results_md is not None:
+        words += ["--results-md", str(results_md)]
+    if readme_table is not None:
+        words += ["--readme-table", str(readme_table)]
+    return shlex.join(words)
+
+
+def make_target(command: str, makefile: str | Path = "Makefile") -> Optional[str]:
+    """The target of ``makefile`` (in the current directory) whose recipe is ``command``, if any."""
+    try:
+        lines = Path(makefile).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    target = None
+    for line in lines:
+        m = re.match(r"^([A-Za-z0-9_.-]+):", line)
+        if m:
+            target = m.group(1)
+        elif line.startswith("\t") and target and re.sub(r"^\S*/(?=locosnn )", "", line.strip()) == command:
+            return target
+    return None
+
+
+def _regenerate(command: str) -> str:
+    target = make_target(command)
+    return f"`make {target}` (= `{command}`)" if target else f"`{command}`"
+
+
+def _provenance(sources: list[Source]) -> str:
+    """One sentence per source: its config file and the git SHA(s) of its recorded runs."""
+    parts = []
+    for s in sources:
+        cfg = s.meta.get("config_path")
+        shas = list(dict.fromkeys(_short_sha(r["git_sha"]) for r in s.meta.get("runs") or [] if r.get("git_sha")))
+        shas = shas or [_short_sha(s.sha)]
+        parts.append(f"`{s.path}`" + (f" (config `{cfg}`)" if cfg else "") +
+                     f", last sweep run at commit `{shas[-1]}`")
+    return "; ".join(parts)
+
+
+def write_results_md(report_md: str | Path, dest: str | Path, sources: list[Source], command: str) -> Path:
+    """Copy ``report_md`` to ``dest`` with figure links relative to ``dest`` and a generated-file header."""
+    report_md, dest = Path(report_md), Path(dest)
+    rel = Path(os.path.relpath(report_md.parent.resolve(), dest.parent.resolve())).as_posix()
+    body = report_md.read_text(encoding="utf-8")
+    body = re.sub(r"\]\(figures/", lambda m: f"]({rel}/figures/", body)
+    lines = body.splitlines()
+    title = lines[0] if lines and lines[0].startswith("# ") else "# Results"
+    rest = lines[1:] if lines and lines[0].startswith("# ") else lines
+    head = [title, "",
+            "<!-- generated file: do not edit by hand; regenerate it with the command below -->",
+            f"This file is generated. Regenerate it with {_regenerate(command)}. The numbers come from "
+            f"{_provenance(sources)}; each table and figure caption below names the commands and git SHAs of the "
+            f"cells it shows. The same content with embedded figures: "
+            f"[`{rel}/report.html`]({rel}/report.html)."]
+    text = "\n".join(head + rest).rstrip("\n") + "\n"
+    from .checkpoint import atomic_write_bytes
+    data = text.encode()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest, lambda f: f.write(data))
+    return dest
+
+
+def summary_table(df, arch: str = DEFAULT_ARCH) -> tuple[list[str], list[list[str]], str]:
+    """(header, rows, budget) of final test accuracy per rule label at ``arch``: each label's best
+    setting by mean final validation accuracy (never test), mean ± std over seeds, best first. The
+    first column is the ``--rule`` value, the second the setting (lr, rule_args) of that label."""
+    train = df[(df["kind"] == "train") & (df["arch"] == arch)] if "kind" in df and len(df) else df.iloc[0:0]
+    if not len(train) or "test_acc" not in train:
+        return [], [], ""
+    final = _final(train[train["test_acc"].notna()])
+    entries = []
+    for name in sorted(final["rule_name"].unique()):
+        fin = final[final["rule_name"] == name]
+        cfg, _ = _best_config(fin)
+        g = fin[fin["config_id"] == cfg]
+        r0 = g.iloc[0]
+        args = _setting(r0, "rule_args")
+        try:  # as --rule-arg would spell them: sigma=0.5, drop_mean=true
+            args = ", ".join(f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
+                             for k, v in json.loads(args).items()) if args else ""
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        setting = f"lr {_sci(r0.get('lr'))}" + (f", {_setting(r0, 'optimizer')}" if _setting(r0, "optimizer")
+                                                  not in ("", "adam") else "") + (f", {args}" if args else "")
+        test, val = 100 * g["test_acc"], 100 * g["val_acc"] if "val_acc" in g else None
+        pm = lambda x: f"{x.mean():.1f}" + (f" ± {x.std():.1f}" if len(x) > 1 else "")  # noqa: E731
+        rule = _setting(r0, "rule") or name  # the --rule value (a sweep label such as loco-faithful names a setting)
+        entries.append((float(test.mean()), [f"`{rule}`", setting, str(len(g)),
+                                             pm(val) if val is not None else "–", pm(test)]))
+    rows = [r for _, r in sorted(entries, key=lambda e: -e[0])]
+    r0 = final.iloc[0]
+    facts = [f"{_setting(r0, k)}" for k in ("dataset",)]
+    limit, epochs, T = _setting(r0, "limit"), _setting(r0, "epochs"), _setting(r0, "T")
+    budget = (f"{arch}, {facts[0]}" + (f", the first {int(limit):,} training images" if limit else "") +
+              (f", {epochs} epochs" if epochs else "") + (f", T = {T}" if T else ""))
+    return ["rule", "setting", "seeds", "val acc (%)", "test acc (%)"], rows, budget
+
+
+def _sci(v: Any) -> str:
+    """A learning rate as it is usually written: 1e-3, 3e-4, 0.05."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if math.isnan(f):
+        return ""
+    if f == 0 or 1e-2 <= abs(f) < 1e3:
+        return f"{f:g}"
+    mant, exp = f"{f:.0e}".split("e")
+    return f"{mant}e{int(exp)}" if float(f"{mant}e{exp}") == f else f"{f:g}"
+
+
+def update_readme_table(path: str | Path, df, sources: list[Source], command: str) -> Path:
+    """Replace the text between TABLE_BEGIN and TABLE_END in ``path`` with :func:`summary_table`."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text.count(TABLE_BEGIN) != 1 or text.count(TABLE_END) != 1 or text.index(TABLE_BEGIN) > text.index(TABLE_END):
+        raise LocosnnError(f"{path} must hold the markers {TABLE_BEGIN} and {TABLE_END} once each, in that order")
+    header, rows, budget = summary_table(df)
+    if not rows:
+        raise LocosnnError(f"no train cells at {DEFAULT_ARCH} with a test accuracy: no table for {path}")
+    final = _final(df[(df["kind"] == "train") & (df["arch"] == DEFAULT_ARCH)])
+    shas = sorted({_short_sha(s) for s in final["git_sha"].dropna() if str(s)}) if "git_sha" in final else []
+    block = "\n".join([
+        TABLE_BEGIN,
+        "<!-- generated by `locosnn report --readme-table` from the sweep's results.csv: do not edit by hand -->",
+        _md_table(header, rows), "",
+        f"*{budget}; final-epoch accuracy; each rule at its setting chosen by validation accuracy (the test set "
+        f"never chooses); mean ± std over seeds. Generated by {_regenerate(command)} from "
+        f"{', '.join(f'`{s.path}/results.csv`' for s in sources)} (code at {', '.join(shas) or 'unknown'}).*",
+        TABLE_END])
+    a, b = text.index(TABLE_BEGIN), text.index(TABLE_END) + len(TABLE_END)
+    new = text[:a] + block + text[b:]
+    if new != text:
+        from .checkpoint import atomic_write_bytes
+        data = new.encode()
+        atomic_write_bytes(path, lambda f: f.write(data))
+    return path
 
 
 # -- the command line ---------------------------------------------------------------------------------
@@ -774,10 +956,20 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--cl-mode", dest="cl_mode",
                    help="continual-learning evaluation mode shown in the heat maps (default: the task-agnostic one)")
     p.add_argument("--title", default="locosnn results", help="report title (default: %(default)s)")
+    p.add_argument("--results-md", dest="results_md", metavar="PATH",
+                   help="also write report.md to PATH (e.g. RESULTS.md) with figure links relative to PATH and a "
+                        "header naming the command, config and git SHA behind the numbers")
+    p.add_argument("--readme-table", dest="readme_table", metavar="FILE",
+                   help=f"refresh the summary table (test accuracy per rule at {DEFAULT_ARCH}, mean ± std over "
+                        f"seeds) between the markers {TABLE_BEGIN} and {TABLE_END} in FILE (e.g. README.md)")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    res = build_report(args.results, out=args.out, cl_mode=args.cl_mode, title=args.title)
+    res = build_report(args.results, out=args.out, cl_mode=args.cl_mode, title=args.title,
+                       results_md=getattr(args, "results_md", None), readme_table=getattr(args, "readme_table", None))
     print(f"wrote {res['html']} and {res['md']} ({len(res['figures'])} figures)")
+    for k in ("results_md", "readme_table"):
+        if k in res:
+            print(f"wrote {res[k]}")
     return 0
