@@ -306,3 +306,18 @@ def test_loco_whitening_preconditioner_stays_in_the_subspace_and_equalises_input
     assert share[0.1] < 0.6 * share[0.0]
     with pytest.raises(LocosnnError):
         make_rule("loco", whiten=-1)
+
+
+def test_probe_command_reports_every_hidden_layer(tmp_path, capsys):
+    import json
+
+    from locosnn.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--rule", "np", "--dataset", "digits", "--arch", "64-32x3-10", "--epochs", "1",
+                 "--init", "identity", "--no-progress", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["probe", str(run), "--n-train", "300", "--n-test", "100", "--init"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("init", "trained"):
+        assert len(res[key]["probe_acc"]) == 3 and all(0.3 < a <= 1 for a in res[key]["probe_acc"])
+    assert main(["probe", str(tmp_path / "nothing")]) == 2

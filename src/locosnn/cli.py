@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "locosnn.report",
     "locosnn.sal",
     "locosnn.export",
+    "locosnn.depth",
 ]
 
 EPILOG = """examples:

@@ -117,3 +117,56 @@ def probe_run(network: SpikingNetwork, data: Any, T: int, encoder: str, n_train:
     ev = getattr(data, split) if split and len(getattr(data, split)) else data.test
     return probe_layers(network, data.train.x[:n_train], data.train.y[:n_train], ev.x[:n_test], ev.y[:n_test],
                         T, encoder)
+
+
+# -- the command line ---------------------------------------------------------------------------------
+def probe_checkpoint(run_dir: str, n_train: int = 5000, n_test: int = 2000, at_init: bool = False) -> dict[str, Any]:
+    """Probes and rates of a run directory's checkpoint (and of the same network re-initialised
+    with the run's seed, with ``at_init``), scored on the validation split."""
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .config import TrainConfig
+    from .data import load_dataset
+    from .errors import LocosnnError
+    from .train import build_network
+
+    ck = Path(run_dir) / "checkpoint.pt"
+    if not ck.exists():
+        raise LocosnnError(f"{run_dir} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
+    st = load_checkpoint(ck)
+    cfg = TrainConfig.from_dict(st["config"]).validate()
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
+    out: dict[str, Any] = {"run": str(run_dir), "epoch": st["epoch"], "arch": cfg.arch}
+    if at_init:
+        out["init"] = probe_run(build_network(cfg), data, cfg.T, cfg.encoder, n_train, n_test)
+    net = build_network(cfg)
+    net.load_state_dict(st["model"])
+    out["trained"] = probe_run(net, data, cfg.T, cfg.encoder, n_train, n_test)
+    return out
+
+
+def add_parser(sub: Any) -> None:
+    import argparse
+
+    p = sub.add_parser("probe", help="per-layer linear probes and firing rates of a run's network",
+                       description="Linear-probe accuracy (ridge classifier on time-averaged spikes, fit on the "
+                                   "first --n-train training samples, scored on the validation split) and mean "
+                                   "firing rate of every hidden layer of a run's checkpoint; with --init also of "
+                                   "the same network at initialisation. Prints one JSON object.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="run directory written by `locosnn train` (or a `locosnn bench` cell)")
+    p.add_argument("--n-train", dest="n_train", type=int, default=5000, help="samples the probes are fit on")
+    p.add_argument("--n-test", dest="n_test", type=int, default=2000, help="validation samples they are scored on")
+    p.add_argument("--init", dest="at_init", action="store_true", help="also probe the network at initialisation")
+    p.set_defaults(func=_cmd_probe)
+
+
+def _cmd_probe(args: Any) -> int:
+    import json
+
+    from .errors import LocosnnError
+    if args.n_train < 10 or args.n_test < 1:
+        raise LocosnnError("--n-train must be >= 10 and --n-test >= 1")
+    print(json.dumps(probe_checkpoint(args.run_dir, args.n_train, args.n_test, args.at_init)))
+    return 0
