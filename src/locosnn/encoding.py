@@ -25,9 +25,11 @@ def encode(x: torch.Tensor, T: int, kind: str = "direct", generator: torch.Gener
         return x.unsqueeze(0).expand(T, *x.shape)
     if kind == "rate":
         p = x.clamp(0, 1).unsqueeze(0).expand(T, *x.shape)
+        if generator is not None and generator.device != p.device:  # draw on the generator's device
+            return torch.bernoulli(p.to(generator.device), generator=generator).to(p.device)
         return torch.bernoulli(p, generator=generator)
     if kind == "latency":
         t_spike = torch.round((1 - x.clamp(0, 1)) * (T - 1)).long()
-        steps = torch.arange(T).view(T, *([1] * x.dim()))
+        steps = torch.arange(T, device=x.device).view(T, *([1] * x.dim()))
         return ((steps == t_spike.unsqueeze(0)) & (x.unsqueeze(0) > threshold)).to(x.dtype)
     raise LocosnnError(f"unknown encoder {kind!r}; choose one of {', '.join(ENCODERS)}")

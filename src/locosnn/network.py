@@ -88,6 +88,29 @@ def parse_arch(spec: str) -> tuple[tuple[int, ...], list[LayerSpec]]:
     return in_shape, layers
 
 
+def rng_device(generator: Optional[torch.Generator], device: torch.device | str) -> torch.device:
+    """Where to draw random numbers for a tensor on ``device``: on the generator's own device
+    (torch fills a tensor only from a generator on the same device), then moved to ``device``.
+    The rules' generators live on the CPU, so a seed gives the same numbers on every device and
+    CPU results are unchanged; a generator created on the tensor's device draws there directly."""
+    return torch.device(device) if generator is None else generator.device
+
+
+def randn_on(shape, generator: Optional[torch.Generator], dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.randn(shape)`` from ``generator`` with ``dtype`` on ``device`` (see :func:`rng_device`)."""
+    return torch.randn(shape, generator=generator, dtype=dtype, device=rng_device(generator, device)).to(device)
+
+
+def rand_on(shape, generator: Optional[torch.Generator], dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.rand(shape)`` from ``generator`` with ``dtype`` on ``device`` (see :func:`rng_device`)."""
+    return torch.rand(shape, generator=generator, dtype=dtype, device=rng_device(generator, device)).to(device)
+
+
+def randint_on(low: int, high: int, shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """``torch.randint(low, high, shape)`` (int64) from ``generator`` on ``device`` (see :func:`rng_device`)."""
+    return torch.randint(low, high, shape, generator=generator, device=rng_device(generator, device)).to(device)
+
+
 @dataclass
 class Noise:
     """Noise injected into hidden (and optionally output) layers, drawn from a seeded generator.
@@ -114,11 +137,11 @@ class Noise:
     def draw(self, like: torch.Tensor) -> torch.Tensor:
         g = self.generator
         if self.dist == "gaussian":
-            z = torch.randn(like.shape, generator=g, dtype=like.dtype, device=like.device)
+            z = randn_on(like.shape, g, like.dtype, like.device)
         elif self.dist == "rademacher":
-            z = torch.randint(0, 2, like.shape, generator=g, device=like.device).to(like.dtype) * 2 - 1
+            z = randint_on(0, 2, like.shape, g, like.device).to(like.dtype) * 2 - 1
         else:
-            z = (torch.rand(like.shape, generator=g, dtype=like.dtype, device=like.device) * 2 - 1) * math.sqrt(3.0)
+            z = (rand_on(like.shape, g, like.dtype, like.device) * 2 - 1) * math.sqrt(3.0)
         z = self.sigma * z
         if self.clean_rows:
             z[: self.clean_rows] = 0
@@ -219,8 +242,9 @@ class SpikingNetwork(nn.Module):
             if li == 0 or layer.kind != "linear" or layer.weight.shape[0] != layer.weight.shape[1]:
                 continue
             n = layer.weight.shape[0]
-            layer.weight.copy_(gain * torch.eye(n, dtype=layer.weight.dtype)
-                               + noise * torch.randn(n, n, dtype=layer.weight.dtype) / math.sqrt(n))
+            # drawn on the CPU from the global RNG (the same initialisation on every device), then copied
+            layer.weight.copy_((gain * torch.eye(n, dtype=layer.weight.dtype)
+                                + noise * torch.randn(n, n, dtype=layer.weight.dtype) / math.sqrt(n)).to(layer.weight))
             if layer.bias is not None:
                 layer.bias.zero_()
 
@@ -265,7 +289,7 @@ class SpikingNetwork(nn.Module):
         cfg = self.neuron
         v: list[Optional[torch.Tensor]] = [None] * L
         s: list[Optional[torch.Tensor]] = [None] * L
-        tr = Trace(out=torch.empty(0))
+        tr = Trace(out=x_seq.new_empty(0))
         if record:
             tr.inputs, tr.currents, tr.membranes, tr.outputs, tr.noise = ([[] for _ in range(L)] for _ in range(5))
         acc = None

@@ -110,6 +110,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .errors import LocosnnError
+from .network import rand_on, randint_on
 
 KERNELS = ("triangular", "exp")
 PAIRINGS = ("nearest", "all")
@@ -208,7 +209,7 @@ def _simulate(W: list[torch.Tensor], B: list[torch.Tensor], gains: Sequence[floa
     pops = [_Population(batch, n, psp, tau_syn, kernel, tau, pairing, dtype, device) for n in sizes]
     for pop in pops:  # every neuron starts at a random point of its refractory cycle (1 .. tau_ref steps
         # after a spike); the deterministic network would otherwise fire in lockstep from step 0
-        pop.age = torch.randint(1, tau_ref + 1, pop.age.shape, generator=generator, device=device).to(dtype)
+        pop.age = randint_on(1, tau_ref + 1, pop.age.shape, generator, device).to(dtype)
     log_tref = math.log(tau_ref)
     L = len(W)
     learn = learn_B or learn_W
@@ -246,7 +247,7 @@ def _simulate(W: list[torch.Tensor], B: list[torch.Tensor], gains: Sequence[floa
             if deterministic:
                 fire = u > threshold
             else:
-                noise = torch.rand(u.shape, generator=generator, dtype=dtype, device=device)
+                noise = rand_on(u.shape, generator, dtype, device)
                 fire = noise < torch.sigmoid(u - log_tref)
             spikes.append((fire & ready).to(dtype))
         if learn and t >= warmup:

@@ -57,6 +57,12 @@ class LearningRule:
                 layer.bias.grad = gb.reshape(layer.bias.shape).detach().clone()
 
 
+def follow(tensors: list[torch.Tensor], ref: torch.Tensor) -> list[torch.Tensor]:
+    """Rule state (feedback matrices, heads) on ``ref``'s device with ``ref``'s dtype: a network
+    moved with ``.to()`` after the state was made (or loaded) takes its rule state along."""
+    return [t if t.dtype == ref.dtype and t.device == ref.device else t.to(ref) for t in tensors]
+
+
 def accumulate(grads: list, k: int, gw: torch.Tensor, gb: torch.Tensor) -> None:
     """grads[k] += (gw, gb), starting from None (per-step accumulation in online rules)."""
     grads[k] = (gw, gb) if grads[k] is None else (grads[k][0] + gw, grads[k][1] + gb)

@@ -38,7 +38,7 @@ import torch
 from ..errors import LocosnnError
 from ..losses import output_error
 from ..network import SpikingNetwork
-from .base import LearningRule, accumulate
+from .base import LearningRule, accumulate, follow
 
 
 class _OnlineFeedback(LearningRule):
@@ -96,6 +96,7 @@ class _OnlineFeedback(LearningRule):
     def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         if not self.B:
             self.init_feedback(network)
+        self.B = follow(self.B, network.layers[0].weight)
         T, B = x_seq.shape[0], x_seq.shape[1]
         L = network.depth
         C = self.clean_rows(B)
@@ -167,7 +168,8 @@ class FA(_OnlineFeedback):
         self.B = []
         for layer in network.layers:
             fan_in = layer.weight[0].numel()
-            self.B.append(torch.randn(layer.weight.shape, generator=self.generator) / fan_in ** 0.5)
+            # drawn on the CPU generator in the default dtype (the same B on every device and dtype)
+            self.B.append((torch.randn(layer.weight.shape, generator=self.generator) / fan_in ** 0.5).to(layer.weight))
 
     def feedback_angles(self, network: SpikingNetwork) -> list[float]:
         """angle(B_l, W_l) in degrees for the layers whose B carries the error down (l >= 1):
@@ -175,6 +177,7 @@ class FA(_OnlineFeedback):
         from ..diagnostics import angle_deg
         if not self.B:
             return []
+        self.B = follow(self.B, network.layers[0].weight)
         return [angle_deg(self._matrix(network, k), network.layers[k].weight) for k in range(1, network.depth)]
 
     def end_epoch(self, network: SpikingNetwork) -> dict[str, Any]:
@@ -185,7 +188,7 @@ class FA(_OnlineFeedback):
 
     def hidden_deltas(self, network, factors, delta_out):
         L = network.depth
-        deltas: list[torch.Tensor] = [torch.empty(0)] * (L - 1)
+        deltas: list[torch.Tensor] = [delta_out.new_empty(0)] * (L - 1)
         d = delta_out
         for li in range(L - 2, -1, -1):
             nxt = network.layers[li + 1]
@@ -220,7 +223,8 @@ class DFA(_OnlineFeedback):
         self.B = []
         for li in range(network.depth - 1):
             n_l = network.layers[li].weight.shape[0]  # channels for conv: broadcast over positions below
-            self.B.append(torch.randn(n_l, n_out, generator=self.generator) * self.feedback_scale / n_out ** 0.5)
+            w = network.layers[li].weight
+            self.B.append((torch.randn(n_l, n_out, generator=self.generator) * self.feedback_scale / n_out ** 0.5).to(w))
 
     def hidden_deltas(self, network, factors, delta_out):
         deltas = []
@@ -277,7 +281,8 @@ class OPZO(DFA):
         self.steps = 0
 
     def init_feedback(self, network: SpikingNetwork) -> None:
-        self.B = [torch.zeros(network.layers[li].weight.shape[0], network.n_out) for li in range(network.depth - 1)]
+        self.B = [network.layers[li].weight.new_zeros(network.layers[li].weight.shape[0], network.n_out)
+                  for li in range(network.depth - 1)]
 
     def state_dict(self) -> dict[str, Any]:
         s = super().state_dict()

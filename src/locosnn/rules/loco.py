@@ -112,8 +112,8 @@ class LOCO(NodePerturbation):
         else:
             X = layer.patches(xbar)
             if X.shape[0] > self.max_rows:
-                X = X[torch.randperm(X.shape[0], generator=self.proj_generator)[: self.max_rows]]
-        return torch.cat([X, torch.ones(X.shape[0], 1)], 1)
+                X = X[torch.randperm(X.shape[0], generator=self.proj_generator)[: self.max_rows].to(X.device)]
+        return torch.cat([X, X.new_ones(X.shape[0], 1)], 1)
 
     def excluded_centroids(self, mem: ClusterMemory, X: torch.Tensor) -> torch.Tensor | None:
         """Centroids to protect (rows), after adding this batch to the memory."""
@@ -122,14 +122,14 @@ class LOCO(NodePerturbation):
             mem.add(m, self.proj_generator)
             C = mem.centroids
             nearest = torch.cdist(m / m.norm(), C).argmin()
-            keep = torch.ones(C.shape[0], dtype=torch.bool)
+            keep = torch.ones(C.shape[0], dtype=torch.bool, device=C.device)
             keep[nearest] = False
             return C[keep]
-        take = torch.randperm(X.shape[0], generator=self.proj_generator)[: self.per_batch]
+        take = torch.randperm(X.shape[0], generator=self.proj_generator)[: self.per_batch].to(X.device)
         mem.add(X[take], self.proj_generator)
         C = mem.centroids
         Xn = X / (X.norm(dim=1, keepdim=True) + 1e-12)
-        share = torch.bincount(torch.cdist(Xn, C).argmin(1), minlength=C.shape[0]).float() / X.shape[0]
+        share = torch.bincount(torch.cdist(Xn, C).argmin(1), minlength=C.shape[0]).to(X.dtype) / X.shape[0]
         occupied = share >= self.min_share
         Cn = C / (C.norm(dim=1, keepdim=True) + 1e-12)
         # a centroid (near-)identical to an occupied one is the batch's own mode, not an earlier one

@@ -83,13 +83,17 @@ class OWM(LearningRule):
             if getattr(layer, "kind", "linear") != "linear":
                 raise LocosnnError(f"rule 'owm' supports fully connected layers only, but layer {li} of "
                                    f"{network.arch!r} is convolutional; use an fc --arch such as 784-256-10")
-        if not self.P:
-            self.P = [torch.eye(layer.weight.shape[1] + (1 if self.project_bias else 0), dtype=torch.float64)
-                      for layer in network.layers]
+        device = network.layers[0].weight.device
+        if not self.P:  # float64 on the network's device (see the module docstring)
+            self.P = [torch.eye(layer.weight.shape[1] + (1 if self.project_bias else 0), dtype=torch.float64,
+                                device=device) for layer in network.layers]
             self.pending = [[] for _ in network.layers]
         elif len(self.P) != network.depth or any(P.shape[0] != layer.weight.shape[1] + int(self.project_bias)
                                                   for P, layer in zip(self.P, network.layers)):
             raise LocosnnError("rule 'owm': its projectors do not match this network (state from another --arch?)")
+        if self.P[0].device != device:  # the network was moved after the projectors were made or loaded
+            self.P = [P.to(device) for P in self.P]
+            self.pending = [[x.to(device) for x in xs] for xs in self.pending]
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """(d,) input vector -> the projector's space (bias input 1 appended if projected), float64."""

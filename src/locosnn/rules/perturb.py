@@ -74,7 +74,8 @@ import torch.nn.functional as F
 
 from ..errors import LocosnnError
 from ..losses import output_error
-from ..network import SpikingNetwork, Trace
+from ..network import SpikingNetwork, Trace, randn_on
+from .base import follow
 
 TEMPORAL = ("step", "frozen")
 ELIGIBILITY = ("noise", "activity")
@@ -164,7 +165,7 @@ class PlannedNoise:
         shape = (self.P,) + tuple(like.shape[1:])
         if self.opts.temporal == "frozen" and li in self.frozen:
             return self.frozen[li]
-        z = torch.randn(shape, generator=self.generator, dtype=like.dtype, device=like.device) * self.sigma
+        z = randn_on(shape, self.generator, like.dtype, like.device) * self.sigma
         z = z * self.mask[li].view(-1, *([1] * (z.dim() - 1)))
         if self.opts.temporal == "frozen":
             self.frozen[li] = z
@@ -243,8 +244,10 @@ class DeepEstimator:
         blocks = self.blocks(network)
         if len(blocks) > 1 and not self.heads:
             self.init_heads(network, rule.generator)
-        perturbed = self.perturbed_layers(network)
         w0 = network.layers[0].weight
+        self.heads = follow(self.heads, w0)
+        self.avg = [None if g is None else tuple(follow(list(g), w0)) for g in self.avg]
+        perturbed = self.perturbed_layers(network)
         noise = PlannedNoise(rule.sigma, B, opts, perturbed, L, rule.generator, w0.device, w0.dtype)
         reps = 1 + K * (2 if opts.antithetic else 1)
         xx = torch.cat([x_seq] * reps, 1)
@@ -308,7 +311,7 @@ class DeepEstimator:
         for li in range(L):
             if grads[li] is None:
                 layer = network.layers[li]
-                gb = torch.zeros_like(layer.bias) if layer.bias is not None else torch.zeros(0)
+                gb = torch.zeros_like(layer.bias) if layer.bias is not None else layer.weight.new_zeros(0)
                 grads[li] = (torch.zeros_like(layer.weight).reshape(layer.weight.shape[0], -1), gb)
         if self.heads and opts.local_heads == "learned":
             self.learn_heads(network, clean, y, blocks)

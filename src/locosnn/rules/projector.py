@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
+import math
+
 import torch
 
 
@@ -66,23 +67,25 @@ def gram_schmidt(vectors: torch.Tensor, against: Optional[torch.Tensor] = None, 
     V = V / (V.norm(dim=0, keepdim=True) + 1e-12)
     C = against.double() if against is not None and against.shape[1] else None
     R = V - C @ (C.T @ V) if C is not None else V
-    # in-order pivoted Cholesky of the Gram matrix (numpy: m is small, the loop is cheap)
-    S = (R.T @ R).numpy().copy()
-    Lf = np.zeros((m, m))
+    # in-order pivoted Cholesky of the Gram matrix, on the CPU in float64 (m is small, the loop is
+    # cheap, and its branches would synchronise an accelerator at every column)
+    S = (R.T @ R).cpu().clone()
+    Lf = torch.zeros(m, m, dtype=torch.float64)
     kept: list[int] = []
     tol2 = tol * tol
     for j in range(m):
-        if S[j, j] < tol2:
+        sjj = float(S[j, j])
+        if sjj < tol2:
             continue
-        col = S[:, j] / np.sqrt(S[j, j])
+        col = S[:, j] / math.sqrt(sjj)
         col[:j] = 0.0
         Lf[:, len(kept)] = col
-        S -= np.outer(col, col)
+        S -= torch.outer(col, col)
         kept.append(j)
     if not kept:
         return vectors.new_zeros(d, 0)
     k = len(kept)
-    L = torch.from_numpy(Lf[kept, :k].copy())
+    L = Lf[kept, :k].to(R.device)
     Q = torch.linalg.solve_triangular(L, R[:, kept].T, upper=False).T  # R_K L^-T
     if C is not None:
         Q = Q - C @ (C.T @ Q)
@@ -122,7 +125,7 @@ def kmeans(X: torch.Tensor, k: int, iters: int = 10, init: Optional[torch.Tensor
     if init is not None and init.shape == (k, X.shape[1]):
         C = init.clone()
     else:
-        C = X[torch.randperm(n, generator=generator)[:k]].clone()
+        C = X[torch.randperm(n, generator=generator)[:k].to(X.device)].clone()
     for _ in range(iters):
         assign = torch.cdist(X, C).argmin(1)
         for j in range(k):
@@ -145,7 +148,11 @@ class ClusterMemory:
 
     def add(self, vecs: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
         vecs = vecs / (vecs.norm(dim=1, keepdim=True) + 1e-12)
-        stamps = torch.full((vecs.shape[0],), self.batches, dtype=torch.long)
+        stamps = torch.full((vecs.shape[0],), self.batches, dtype=torch.long, device=vecs.device)
+        if self.items is not None and (self.items.device != vecs.device or self.items.dtype != vecs.dtype):
+            # the network was moved (.to()) after this memory was filled: the memory follows it
+            self.items, self.stamps = self.items.to(vecs), self.stamps.to(vecs.device)
+            self.centroids = self.centroids.to(vecs) if self.centroids is not None else None
         self.batches += 1
         if self.items is None:
             self.items, self.stamps = vecs, stamps
@@ -158,7 +165,7 @@ class ClusterMemory:
         """Per centroid: does it hold an item stored in the last ``window`` batches?"""
         assign = torch.cdist(self.items, self.centroids).argmin(1)
         fresh = self.stamps >= self.batches - window
-        hit = torch.zeros(self.centroids.shape[0], dtype=torch.bool)
+        hit = torch.zeros(self.centroids.shape[0], dtype=torch.bool, device=self.centroids.device)
         hit[assign[fresh]] = True
         return hit
 
@@ -169,7 +176,7 @@ class ClusterMemory:
         self.items, self.stamps, self.centroids = s["items"], s.get("stamps"), s["centroids"]
         self.batches = s.get("batches", 0)
         if self.stamps is None and self.items is not None:
-            self.stamps = torch.zeros(self.items.shape[0], dtype=torch.long)
+            self.stamps = torch.zeros(self.items.shape[0], dtype=torch.long, device=self.items.device)
 
 
 def loco_basis(X: torch.Tensor, r: int, excluded: Optional[torch.Tensor], tol: float = 0.1) -> torch.Tensor:

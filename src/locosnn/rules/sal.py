@@ -24,6 +24,7 @@ import torch
 
 from ..errors import LocosnnError
 from ..network import SpikingNetwork
+from .base import follow
 from .fa_dfa import FA
 
 
@@ -95,6 +96,7 @@ class SAL(FA):
         from ..sal import sal_phase
         if not self.B:
             self.init_feedback(network)
+        self.B = follow(self.B, network.layers[0].weight)  # updated in place: on the network's dtype and device
         record: dict[str, Any] = {}
         sal_phase(network, self.B, steps=self.sal_steps, lr=self.sal_lr, kernel=self.sal_kernel, tau=self.sal_tau,
                   pairing=self.sal_pairing, tau_ref=self.sal_tau_ref, tau_syn=self.sal_tau_syn, gain=self.sal_gain,

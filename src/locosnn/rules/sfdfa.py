@@ -65,7 +65,7 @@ from ..errors import LocosnnError
 from ..losses import output_error
 from ..network import SpikingNetwork
 from ..neurons import surrogate_derivative
-from .base import LearningRule
+from .base import LearningRule, follow
 
 
 class SFDFA(LearningRule):
@@ -113,13 +113,13 @@ class SFDFA(LearningRule):
 
     def init_feedback(self, network: SpikingNetwork) -> None:
         self.B = []
-        dtype = network.layers[0].weight.dtype
+        w = network.layers[0].weight
         for li in range(network.depth - 1):
             n_l = network.layers[li].weight.shape[0]
             if self.b_init == "zero":
-                self.B.append(torch.zeros(n_l, network.n_out, dtype=dtype))
-            else:
-                self.B.append((torch.randn(n_l, network.n_out, generator=self.generator) / network.n_out ** 0.5).to(dtype))
+                self.B.append(w.new_zeros(n_l, network.n_out))
+            else:  # drawn on the CPU generator, then moved to the network's dtype and device
+                self.B.append((torch.randn(n_l, network.n_out, generator=self.generator) / network.n_out ** 0.5).to(w))
 
     # -- helpers -----------------------------------------------------------------
     def _check(self, network: SpikingNetwork, T: int) -> None:
@@ -169,6 +169,7 @@ class SFDFA(LearningRule):
         self._check(network, T)
         if not self.B:
             self.init_feedback(network)
+        self.B = follow(self.B, network.layers[0].weight)
         L = network.depth
         res = self.forward_pass(network, x_seq)
         out = res["out"]
@@ -191,7 +192,8 @@ class SFDFA(LearningRule):
         T, n = x_seq.shape[0], x_seq.shape[1]
         L = network.depth
         if tangents is None:
-            tangents = [torch.randn(n, network.layers[li].weight.shape[0], generator=self.generator).to(x_seq.dtype)
+            tangents = [torch.randn(n, network.layers[li].weight.shape[0], generator=self.generator)
+                        .to(dtype=x_seq.dtype, device=x_seq.device)
                         for li in range(L - 1)]
         st: dict[str, Any] = {"tangents": tangents}
         ev: list[Any] = [None] * L        # online: per-synapse d v / d W (B, n_l, n_in)
@@ -203,7 +205,7 @@ class SFDFA(LearningRule):
         vdot: list[Any] = [None] * L      # membrane tangents
         sdot_own: list[Any] = [None] * L  # tangent of the neuron's own spike (enters its reset)
         sdot_out: list[Any] = [None] * L  # tangent seen downstream (own + injected v_l)
-        dout = torch.zeros(n, network.n_out, dtype=x_seq.dtype)
+        dout = x_seq.new_zeros(n, network.n_out)
         cfg = network.neuron
         membrane = network.readout == "membrane"
 
@@ -280,7 +282,7 @@ class SFDFA(LearningRule):
         """Per-sample moving average B <- B - eta (B - v d^T), applied in closed form over the batch."""
         n = d.shape[0]
         eta = self.eta_b
-        w = eta * (1 - eta) ** torch.arange(n - 1, -1, -1, dtype=d.dtype)
+        w = eta * (1 - eta) ** torch.arange(n - 1, -1, -1, dtype=d.dtype, device=d.device)
         keep = (1 - eta) ** n
         for li, v in enumerate(tangents):
             self.B[li].mul_(keep).add_((v * w[:, None]).T @ d)
