@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test train bench-bptt bench-loco bench-cost bench-sal bench report results clean
+.PHONY: setup test train bench-bptt bench-loco bench-cost bench-sal bench bench-deep report results clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,16 @@ bench:
 # RESULTS.md and the results table in README.md; `make report` is the same thing
 results:
 	$(BIN)/locosnn report benchmarks/sweep --out benchmarks/report --results-md RESULTS.md --readme-table README.md
+	$(BIN)/locosnn report benchmarks/deep --out benchmarks/deep/report --results-md docs/deep_results.md
+
+# deep networks (docs/deep.md): resumable; the D = 10 grids with 3 seeds take about 1.5 h on 2 cores,
+# the ablation and depth grids several more hours
+bench-deep:
+	$(BIN)/python benchmarks/deep_diag.py
+	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_d10,deep_d10_seeds,deep_d10_seeds_more
+	$(BIN)/python benchmarks/deep_probes.py
+	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_ablation,deep_ablation_init_opt,deep_ablation_adam,deep_d10_long
+	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_2layer,deep_depth
 
 report: results
 

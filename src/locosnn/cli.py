@@ -57,7 +57,7 @@ def _d(text: str, default: Any) -> str:
 
 
 def _train_parser(sub: Any) -> None:
-    from .config import ENCODERS, INITS, LOSSES, NEURONS, OPTIMIZERS, READOUTS, SURROGATES, TrainConfig
+    from .config import DTYPES, ENCODERS, INITS, LOSSES, NEURONS, OPTIMIZERS, READOUTS, SURROGATES, TrainConfig
     from .data import DATASETS
     from .rules import RULES
 
@@ -102,6 +102,11 @@ def _train_parser(sub: Any) -> None:
                            "scaled, but square hidden-to-hidden layers start at 2 I + 0.5 N(0, 1/n) (deep stacks); "
                            "pytorch = the nn.Linear / nn.Conv2d defaults", d.init))
     g.add_argument("--init-gain", dest="init_gain", metavar="G", help=_d("gain of the scaled init, > 0", d.init_gain))
+    g.add_argument("--device", metavar="DEV",
+                   help=_d("where to compute: auto (cuda when available, else cpu), cpu, cuda or cuda:N; a run "
+                           "trained on one device resumes or evaluates on another", d.device))
+    g.add_argument("--dtype", choices=DTYPES, help=_d("floating-point type of the weights, state and inputs",
+                                                      d.dtype))
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", metavar="N", help=_d("training epochs", d.epochs))
@@ -232,7 +237,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not ck.is_file():
         raise LocosnnError(f"{run} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
     st = load_checkpoint(ck, expect=("epoch", "config", "model"))
-    cfg = TrainConfig.from_dict(st["config"]).validate()
+    cfg = TrainConfig.from_dict(st["config"])
+    cfg.device = args.device  # where this evaluation runs, whatever device the run was trained on
+    cfg.validate()
     net = build_network(cfg)
     try:
         net.load_state_dict(st["model"])
@@ -266,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="run directory written by `locosnn train`")
     e.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default: test)")
     e.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="read the dataset from here instead")
+    e.add_argument("--device", metavar="DEV", default="auto",
+                   help=_d("where to evaluate: auto (cuda when available, else cpu), cpu, cuda or cuda:N", "auto"))
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).add_parser(sub)
     return p

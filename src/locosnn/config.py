@@ -31,6 +31,8 @@ from .neurons import RESETS, SURROGATES
 
 #: optimiser names ``train.build_optimizer`` understands (the CLI's --optimizer choices)
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "nmom")
+#: floating-point types a run may compute in (the --dtype choices)
+DTYPES: tuple[str, ...] = ("float32", "float64")
 
 TRUE_WORDS = ("true", "yes", "on", "1", "y", "t")
 FALSE_WORDS = ("false", "no", "off", "0", "n", "f")
@@ -213,6 +215,8 @@ class TrainConfig:
     val_size: int | float | None = None  # None: 5000 for the 60k-image sets, else 10%
     limit: int | None = None
     align_every: int = 0  # >0: every N steps log per-layer cosine / norm ratio of the update to BPTT's
+    device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N"
+    dtype: str = "float32"  # "float32" or "float64": of the network's weights, state and inputs
     rule_args: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,8 +284,43 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Optional[Callable[[Any], bool]], s
     "val_size": (_optional(parse_count_or_fraction), lambda v: v >= 0, ">= 0 (a count, or a fraction < 1)"),
     "limit": (_optional(parse_int), lambda v: v >= 1, ">= 1 (or unset for all samples)"),
     "align_every": (parse_int, lambda v: v >= 0, ">= 0 (0 = off)"),
+    "device": (parse_str, lambda v: _DEVICE.fullmatch(v) is not None, "auto, cpu, cuda or cuda:N"),
+    "dtype": (parse_str, *_choice(DTYPES)),
     "rule_args": (_parse_table, None, ""),
 }
+
+_DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
+
+
+# -- device and dtype ------------------------------------------------------------------------------------
+def resolve_device(name: str) -> "torch.device":
+    """The torch device of a ``device`` setting: ``auto`` is cuda when a CUDA device is available, else cpu.
+    Asking for cuda (or cuda:N) where there is none is a :class:`LocosnnError`."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if _DEVICE.fullmatch(name) is None:
+        raise LocosnnError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LocosnnError(f"--device {name}: no CUDA device is available")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise LocosnnError(f"--device {name}: there {'is' if n == 1 else 'are'} only {n} CUDA device"
+                               f"{'' if n == 1 else 's'} (cuda:0{'' if n == 1 else f' to cuda:{n - 1}'})")
+    return dev
+
+
+def resolve_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a ``dtype`` setting (float32 or float64)."""
+    import torch
+
+    if name not in DTYPES:
+        raise LocosnnError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
 
 # one '-'-separated token of an architecture spec: 784, 1x28x28, 500, 500x10, c16k5, c32k3s2p1
 _ARCH_TOKEN = re.compile(r"\d+(?:x\d+){0,2}|c\d+k\d+(?:s\d+)?(?:p\d+)?")
@@ -405,5 +444,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "FIELDS", "RULE_ARG_CHECKS", "cast_rule_args", "caster_for",
-           "load_config_file", "parse_bool", "parse_float", "parse_int", "read_config_text", "rule_arg_types"]
+__all__ = ["DTYPES", "OPTIMIZERS", "TrainConfig", "FIELDS", "RULE_ARG_CHECKS", "cast_rule_args", "caster_for",
+           "load_config_file", "parse_bool", "parse_float", "parse_int", "read_config_text", "resolve_device",
+           "resolve_dtype", "rule_arg_types"]

@@ -92,14 +92,14 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
-from .config import TrainConfig, load_config_file
+from .config import DTYPES, TrainConfig, load_config_file, resolve_device
 from .data import Dataset, Split, batches, load_dataset
 from .encoding import encode
 from .errors import LocosnnError, NonFiniteError, interrupt_exit_code
 from .network import SpikingNetwork
 from .provenance import git_sha, machine, peak_rss_mb, versions
 from .rules import LearningRule, make_rule
-from .train import build_network, build_optimizer, check_compatible, check_finite, check_weights_finite
+from .train import build_network, build_optimizer, check_compatible, check_finite, check_weights_finite, to_net
 
 STREAMS = ("class", "permuted", "label_sorted")
 STREAM_ALIASES = {"split": "class", "class-incremental": "class", "class_incremental": "class",
@@ -364,6 +364,7 @@ def evaluate_task(net: SpikingNetwork, task: Task, cfg: TrainConfig, modes: Sequ
     g = torch.Generator().manual_seed(10_000 + cfg.seed)
     correct = {m: 0 for m in modes}
     for x, y in batches(s, batch_size, shuffle=False):
+        x, y = to_net(net, x, y)
         out = net.run(encode(x, cfg.T, cfg.encoder, g)).out
         for m in modes:
             correct[m] += int((predictions(out, task.classes, m) == y).sum())
@@ -553,7 +554,9 @@ class ContinualRun:
     def _load(self, path: Path) -> None:
         st = load_checkpoint(path)
         old = dict(st["settings"])
-        diff = [k for k in self.settings if old.get(k) != self.settings[k]]
+        defaults = TrainConfig().to_dict()  # train settings added since the run was saved have their defaults
+        # the device may differ: a run trained on cuda resumes on cpu
+        diff = [k for k in self.settings if k != "device" and old.get(k, defaults.get(k)) != self.settings[k]]
         if diff:
             raise LocosnnError(f"cannot resume {path.parent}: settings differ in {', '.join(diff)} "
                                f"(saved: {', '.join(f'{k}={old.get(k)!r}' for k in diff)})")
@@ -572,7 +575,8 @@ class ContinualRun:
         assert self.out is not None
         meta = {"settings": self.settings, "config": self.cfg.to_dict(), "continual": self.ccfg.to_dict(),
                 "git_sha": git_sha(), "versions": versions(), "machine": machine(), "dataset": self.data.info(),
-                "tasks": [t.info() for t in self.tasks], "n_params": sum(p.numel() for p in self.net.parameters())}
+                "tasks": [t.info() for t in self.tasks], "n_params": sum(p.numel() for p in self.net.parameters()),
+                "device_resolved": str(resolve_device(self.cfg.device))}
         atomic_write_json(self.out / "config.json", _json_safe(meta))
 
     def metrics(self) -> dict[str, dict[str, Any]]:
@@ -622,6 +626,7 @@ class ContinualRun:
                         xr, yr = self.buffer.sample(n_replay, self.replay_gen)
                         x, y = torch.cat([x, xr]), torch.cat([y, yr])
                         replayed += len(yr)
+                    x, y = to_net(self.net, x, y)
                     x_seq = encode(x, cfg.T, cfg.encoder, self.enc_gen)
                     t0 = time.perf_counter()
                     self.opt.zero_grad(set_to_none=True)
@@ -768,6 +773,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--val-size", dest="val_size", metavar="N",
                    help="validation samples held out of training: a count or a fraction < 1")
     p.add_argument("--limit", metavar="N", help="use only the first N train/val/test samples (quick runs)")
+    p.add_argument("--device", metavar="DEV", help=f"where to compute: auto (cuda when available, else cpu), cpu, "
+                                                   f"cuda or cuda:N (default {d.device})")
+    p.add_argument("--dtype", choices=DTYPES, help=f"floating-point type of the weights, state and inputs "
+                                                   f"(default {d.dtype})")
     p.add_argument("--replay", type=int, help="replay buffer size in samples, class-balanced over the finished "
                                               "tasks, mixed into every batch of later tasks (default 0 = off)")
     p.add_argument("--replay-batch", dest="replay_batch", type=int,
@@ -789,8 +798,8 @@ def _cli():
 
 
 FLAG_KEYS = ("rule", "dataset", "data_dir", "arch", "epochs", "batch_size", "lr", "optimizer", "T", "encoder", "loss",
-             "seed", "val_size", "limit", "stream", "n_tasks", "classes_per_task", "class_order", "replay",
-             "replay_batch", "eval")
+             "seed", "val_size", "limit", "device", "dtype", "stream", "n_tasks", "classes_per_task", "class_order",
+             "replay", "replay_batch", "eval")
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:

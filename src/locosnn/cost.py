@@ -445,9 +445,11 @@ def _measure_steps(config: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rep
     from .train import build_network, build_optimizer
 
     cfg = TrainConfig.from_dict(config)
+    cfg.device = "cpu"  # the cost model measures CPU time and resident memory
     net = build_network(cfg)
     rule = make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
     opt = build_optimizer(cfg, net)
+    x = x.to(next(net.parameters()).dtype)  # the run's dtype (float64 runs)
     xs = encode(x, cfg.T, cfg.encoder, torch.Generator().manual_seed(cfg.seed + 1))
 
     def rss_kb() -> int:

@@ -136,6 +136,7 @@ def probe_checkpoint(run_dir: str, n_train: int = 5000, n_test: int = 2000, at_i
         raise LocosnnError(f"{run_dir} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
     st = load_checkpoint(ck)
     cfg = TrainConfig.from_dict(st["config"]).validate()
+    cfg.device, cfg.dtype = "cpu", "float32"  # probed on the CPU in float32, however the run was trained
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
     out: dict[str, Any] = {"run": str(run_dir), "epoch": st["epoch"], "arch": cfg.arch}
     if at_init:

@@ -37,7 +37,8 @@ def _layer_vectors(network: SpikingNetwork, grads: Optional[list[Optional[torch.
                 continue
             g = grads[i] if grads is not None else p.grad
             i += 1
-            parts.append(torch.zeros(p.numel(), dtype=torch.float64) if g is None else g.detach().reshape(-1).double())
+            parts.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device) if g is None
+                         else g.detach().reshape(-1).double())
         out.append(torch.cat(parts))
     return out
 

@@ -369,6 +369,8 @@ def load_run_network(run_dir: str | Path) -> tuple[SpikingNetwork, Any]:
         raise LocosnnError(f"{run} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
     st = load_checkpoint(ck, expect=("config", "model"))
     cfg = TrainConfig.from_dict(st["config"]).validate()
+    # exported and compared on the CPU in float32, whatever device and dtype the run was trained in
+    cfg.device, cfg.dtype = "cpu", "float32"
     net = build_network(cfg)
     try:
         net.load_state_dict(st["model"])

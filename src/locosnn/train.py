@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, resolve_device, resolve_dtype
 from .data import Dataset, Split, batches, load_dataset
 from .diagnostics import alignment
 from .encoding import encode
@@ -33,10 +33,22 @@ from .rules import LearningRule, make_rule
 
 
 def build_network(cfg: TrainConfig, seed: int | None = None) -> SpikingNetwork:
+    """The network of ``cfg``, initialised on the CPU (the same weights on every device), then moved to
+    ``cfg.device`` and ``cfg.dtype``. An unavailable device is a :class:`LocosnnError`."""
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     torch.manual_seed(cfg.seed if seed is None else seed)
     neuron = NeuronConfig(model=cfg.neuron, beta=cfg.beta, theta=cfg.theta, surrogate=cfg.surrogate, slope=cfg.slope,
                           reset=cfg.reset)
-    return SpikingNetwork(cfg.arch, neuron=neuron, readout=cfg.readout, init=cfg.init, init_gain=cfg.init_gain)
+    net = SpikingNetwork(cfg.arch, neuron=neuron, readout=cfg.readout, init=cfg.init, init_gain=cfg.init_gain)
+    return net.to(device=device, dtype=dtype)
+
+
+def to_net(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch moved to the network's device, x also to its dtype (y stays integer)."""
+    p = next(net.parameters(), None)
+    if p is None:
+        return x, y
+    return x.to(device=p.device, dtype=p.dtype), y.to(device=p.device)
 
 
 def build_optimizer(cfg: TrainConfig, net: SpikingNetwork) -> torch.optim.Optimizer:
@@ -61,6 +73,7 @@ def evaluate(net: SpikingNetwork, split: Split, cfg: TrainConfig, batch_size: in
     g = torch.Generator().manual_seed(10_000 + cfg.seed)
     correct, total, loss_sum = 0, 0, 0.0
     for x, y in batches(split, batch_size, shuffle=False):
+        x, y = to_net(net, x, y)
         out = net.run(encode(x, cfg.T, cfg.encoder, g)).out
         loss_sum += float(per_sample_loss(out, y, cfg.loss).sum())
         correct += int((out.argmax(1) == y).sum())
@@ -162,7 +175,8 @@ class Trainer:
         old = dict(st["config"])
         new = self.cfg.to_dict()
         defaults = TrainConfig().to_dict()  # settings added since the run was saved have their defaults
-        diff = [k for k in new if k != "epochs" and old.get(k, defaults.get(k)) != new[k]]
+        # epochs may be extended; the device may differ (a run trained on cuda resumes on cpu)
+        diff = [k for k in new if k not in ("epochs", "device") and old.get(k, defaults.get(k)) != new[k]]
         if diff:
             raise LocosnnError(f"cannot resume {path.parent}: config differs in {', '.join(diff)}")
         self.net.load_state_dict(st["model"])
@@ -175,7 +189,8 @@ class Trainer:
     def _write_config(self) -> None:
         assert self.out is not None
         meta = {"config": self.cfg.to_dict(), "git_sha": git_sha(), "versions": versions(), "machine": machine(),
-                "dataset": self.data.info(), "n_params": sum(p.numel() for p in self.net.parameters())}
+                "dataset": self.data.info(), "n_params": sum(p.numel() for p in self.net.parameters()),
+                "device_resolved": str(resolve_device(self.cfg.device))}
         atomic_write_json(self.out / "config.json", meta)
 
     # -- the loop -------------------------------------------------------------
@@ -207,6 +222,7 @@ class Trainer:
         aligns: list[list[dict]] = []
         step_time, step = 0.0, -1
         for step, (x, y) in enumerate(it):
+            x, y = to_net(self.net, x, y)
             x_seq = encode(x, cfg.T, cfg.encoder, self.enc_gen)
             if cfg.align_every and step % cfg.align_every == 0:
                 aligns.append(alignment(self.rule, self.net, x_seq, y))
