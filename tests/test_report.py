@@ -253,3 +253,25 @@ def test_continual_seeds_from_two_grids_merge_and_captions_name_each_grids_comma
     assert len(heat) == 2
     assert "first-invocation" in heat[0] and "second-invocation" not in heat[0]
     assert "second-invocation" in heat[1] and "first-invocation" not in heat[1]
+
+
+def test_report_grids_filter_keeps_only_those_grids(tmp_path):
+    """--grids: the report shows only the named grids' cells; no cell of them is an error."""
+    import pandas as pd
+
+    from locosnn.errors import LocosnnError
+    from locosnn.report import build_report
+    d = tmp_path / "sweep"
+    d.mkdir()
+    rows = [dict(grid=g, cell=f"{g}_{r}", kind="train", rule_name=r, status="ok", rule=r, arch="784-500-500-10",
+                 depth=None, width=None, T=8, seed=0, lr=1e-3, epochs=1, epoch=1, train_loss=1.0, train_acc=0.5,
+                 val_acc=acc, test_acc=acc, config_id=f"{g}{r}", git_sha="abc")
+            for g, r, acc in (("main", "dfa", 0.8), ("ablation", "dfa", 0.9))]
+    pd.DataFrame(rows).to_csv(d / "results.csv", index=False)
+    (d / "meta.json").write_text("{}")
+    res = build_report([d], out=tmp_path / "r", grids=["main"])
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "80.00" in text and "90.00" not in text
+    assert res["md"]
+    with pytest.raises(LocosnnError):
+        build_report([d], out=tmp_path / "r2", grids=["nothing"])

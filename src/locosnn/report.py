@@ -735,8 +735,11 @@ def render(sections: list[Section], sources: list[Source], out: Path, title: str
 
 def build_report(results: list[str | Path], out: str | Path | None = None, cl_mode: Optional[str] = None,
                  title: str = "locosnn results", results_md: str | Path | None = None,
-                 readme_table: str | Path | None = None, command: Optional[str] = None) -> dict[str, Any]:
+                 readme_table: str | Path | None = None, command: Optional[str] = None,
+                 grids: Optional[list[str]] = None) -> dict[str, Any]:
     """Write report.html, report.md and figures/*.png; returns their paths and the sections' notes.
+
+    ``grids``: only the cells of these grids (e.g. a headline comparison without its ablation).
 
     ``results_md``: also write that file (:func:`write_results_md`); ``readme_table``: refresh the
     summary table in that file (:func:`update_readme_table`); ``command``: the command line named in
@@ -744,6 +747,10 @@ def build_report(results: list[str | Path], out: str | Path | None = None, cl_mo
     if not results:
         raise LocosnnError("give at least one sweep output directory")
     df, sources = load_results(list(results))
+    if grids:  # grids that have not run yet simply contribute nothing
+        df = df[df["grid"].isin(grids)] if "grid" in df else df.iloc[0:0]
+        if not len(df):
+            raise LocosnnError(f"--grids {', '.join(grids)}: no cells of these grids in {', '.join(map(str, results))}")
     out = Path(out) if out else Path(results[0]) / "report"
     figs = Figures(out / "figures")
     for old in figs.dir.glob("*.png"):  # a figure whose data is gone must not linger
@@ -772,7 +779,7 @@ def build_report(results: list[str | Path], out: str | Path | None = None, cl_mo
                            "figures": [out / "figures" / f for s in sections for f, _ in s.figures],
                            "notes": [n for s in sections for n in s.notes], "sections": sections}
     if command is None:
-        command = report_command(results, out, cl_mode, title, results_md, readme_table)
+        command = report_command(results, out, cl_mode, title, results_md, readme_table, grids)
     if results_md is not None:
         res["results_md"] = write_results_md(md_path, results_md, sources, command)
     if readme_table is not None:
@@ -787,9 +794,11 @@ TABLE_END = "<!-- results-table:end -->"
 
 def report_command(results: list[str | Path], out: str | Path | None, cl_mode: Optional[str] = None,
                    title: str = "locosnn results", results_md: str | Path | None = None,
-                   readme_table: str | Path | None = None) -> str:
+                   readme_table: str | Path | None = None, grids: Optional[list[str]] = None) -> str:
     """The ``locosnn report`` command line that makes this report (named in generated files)."""
     words = ["locosnn", "report", *map(str, results)]
+    if grids:
+        words += ["--grids", ",".join(grids)]
     if out is not None:
         words += ["--out", str(out)]
     if cl_mode:
@@ -962,12 +971,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--readme-table", dest="readme_table", metavar="FILE",
                    help=f"refresh the summary table (test accuracy per rule at {DEFAULT_ARCH}, mean ± std over "
                         f"seeds) between the markers {TABLE_BEGIN} and {TABLE_END} in FILE (e.g. README.md)")
+    p.add_argument("--grids", metavar="G1,G2", help="only the cells of these grids (comma-separated)")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    grids = [g for g in (args.grids or "").split(",") if g] or None
     res = build_report(args.results, out=args.out, cl_mode=args.cl_mode, title=args.title,
-                       results_md=getattr(args, "results_md", None), readme_table=getattr(args, "readme_table", None))
+                       results_md=getattr(args, "results_md", None), readme_table=getattr(args, "readme_table", None),
+                       grids=grids)
     print(f"wrote {res['html']} and {res['md']} ({len(res['figures'])} figures)")
     for k in ("results_md", "readme_table"):
         if k in res:
