@@ -216,3 +216,16 @@ def test_count_loss_learns_and_checks_its_settings():
                                 torch.zeros(3, dtype=torch.long))
     with pytest.raises(LocosnnError, match="eligibility"):
         make_rule("sfdfa", eligibility="bogus")
+
+
+def test_sfdfa_refuses_the_hard_reset_it_does_not_model():
+    import pytest as _pytest
+    import torch as _torch
+
+    from locosnn.errors import LocosnnError as _Err
+    from locosnn.network import SpikingNetwork as _Net
+    from locosnn.neurons import NeuronConfig as _NC
+    from locosnn.rules import make_rule as _make
+    net = _Net("10-8-3", neuron=_NC(reset="zero"))
+    with _pytest.raises(_Err, match="soft reset"):
+        _make("sfdfa").step(net, _torch.rand(4, 2, 10), _torch.tensor([0, 1]))

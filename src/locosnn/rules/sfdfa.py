@@ -166,6 +166,9 @@ class SFDFA(LearningRule):
     def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         T, n = x_seq.shape[0], x_seq.shape[1]
         self._T = T
+        if getattr(network.neuron, "reset", "subtract") != "subtract":
+            raise LocosnnError("sfdfa's tangents and eligibility follow the soft reset; it does not support "
+                               f"reset={network.neuron.reset!r} (use --reset subtract)")
         self._check(network, T)
         if not self.B:
             self.init_feedback(network)
