@@ -652,8 +652,22 @@ def _engine_local(tasks: list[dict], workers: int, on_done) -> None:
             on_done(t, res)
     except BaseException:  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt), an error in on_done
         _stop_workers(ex)
+        _remove_temp_files(tasks)
         raise
     ex.shutdown(wait=True)
+
+
+def _remove_temp_files(tasks: list[dict]) -> None:
+    """After the workers are gone: remove the temporary files of atomic writes that a worker killed in the
+    middle of one (past its grace period, e.g. on a loaded machine) left in its cell directory."""
+    for t in tasks:
+        d = Path(t["dir"])
+        if d.is_dir():
+            for tmp in d.rglob("*.tmp"):
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
 
 
 def _engine_ray(tasks: list[dict], threads: int, address: Optional[str], workers: Optional[int], on_done) -> None:
