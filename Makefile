@@ -44,7 +44,7 @@ bench:
 results:
 	$(BIN)/locosnn report benchmarks/sweep --out benchmarks/report --results-md RESULTS.md --readme-table README.md
 	$(BIN)/locosnn report benchmarks/deep --grids deep_d10,deep_d10_seeds,deep_d10_seeds_more,deep_d10_long,deep_depth,deep_2layer --title "Deep networks (784-256xD-10)" --out benchmarks/deep/report --results-md docs/deep_results.md
-	$(BIN)/locosnn report benchmarks/deep --grids deep_ablation --title "Deep LOCO ablation (D = 10, one piece off at a time)" --out benchmarks/deep/ablation --results-md docs/deep_ablation.md
+	$(BIN)/python benchmarks/deep_ablation.py --dir benchmarks/deep --out docs/deep_ablation.md
 
 # deep networks (docs/deep.md): resumable; the D = 10 grids with 3 seeds take about 1.5 h on 2 cores,
 # the ablation and depth grids several more hours
