@@ -232,28 +232,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, run_dir_kind
-    from .config import TrainConfig
+    from .checkpoint import run_dir_kind
     from .data import load_dataset
-    from .train import build_network, evaluate
+    from .train import evaluate, load_run
 
     run = Path(args.run_dir)
-    ck = run / "checkpoint.pt"
     if run_dir_kind(run) == "continual":
         raise LocosnnError(f"{run} holds a continual run; `locosnn eval` evaluates train runs (the continual "
                            "run's accuracies are in its matrix.json and results.csv)")
-    if not ck.is_file():
-        raise LocosnnError(f"{run} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
-    st = load_checkpoint(ck, expect=("epoch", "config", "model"))
-    cfg = TrainConfig.from_dict(st["config"])
-    cfg.device = args.device  # where this evaluation runs, whatever device the run was trained on
-    cfg.validate()
-    net = build_network(cfg)
-    try:
-        net.load_state_dict(st["model"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise LocosnnError(f"checkpoint {ck} does not fit its own config (arch {cfg.arch}): "
-                           f"{str(e).splitlines()[0]}") from None
+    # on --device, whatever device the run was trained on; in the run's own dtype
+    net, cfg, st = load_run(run, device=args.device, dtype=None, expect=("epoch", "config", "model"))
     data = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
     split = getattr(data, args.split)
     res = evaluate(net, split, cfg)

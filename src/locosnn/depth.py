@@ -123,26 +123,15 @@ def probe_run(network: SpikingNetwork, data: Any, T: int, encoder: str, n_train:
 def probe_checkpoint(run_dir: str, n_train: int = 5000, n_test: int = 2000, at_init: bool = False) -> dict[str, Any]:
     """Probes and rates of a run directory's checkpoint (and of the same network re-initialised
     with the run's seed, with ``at_init``), scored on the validation split."""
-    from pathlib import Path
-
-    from .checkpoint import load_checkpoint
-    from .config import TrainConfig
     from .data import load_dataset
-    from .errors import LocosnnError
-    from .train import build_network
+    from .train import build_network, load_run
 
-    ck = Path(run_dir) / "checkpoint.pt"
-    if not ck.exists():
-        raise LocosnnError(f"{run_dir} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
-    st = load_checkpoint(ck)
-    cfg = TrainConfig.from_dict(st["config"]).validate()
-    cfg.device, cfg.dtype = "cpu", "float32"  # probed on the CPU in float32, however the run was trained
+    # probed on the CPU in float32, however the run was trained
+    net, cfg, st = load_run(run_dir, device="cpu", dtype="float32", expect=("epoch", "config", "model"))
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
     out: dict[str, Any] = {"run": str(run_dir), "epoch": st["epoch"], "arch": cfg.arch}
     if at_init:
         out["init"] = probe_run(build_network(cfg), data, cfg.T, cfg.encoder, n_train, n_test)
-    net = build_network(cfg)
-    net.load_state_dict(st["model"])
     out["trained"] = probe_run(net, data, cfg.T, cfg.encoder, n_train, n_test)
     return out
 

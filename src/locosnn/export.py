@@ -358,25 +358,11 @@ def from_nir(graph: Any, dt: Optional[float] = None) -> SpikingNetwork:
 
 # -- runs and the CLI -----------------------------------------------------------------------------
 def load_run_network(run_dir: str | Path) -> tuple[SpikingNetwork, Any]:
-    """The network of a run directory's checkpoint, and the run's TrainConfig."""
-    from .checkpoint import load_checkpoint
-    from .config import TrainConfig
-    from .train import build_network
+    """The network of a run directory's checkpoint, and the run's TrainConfig (exported and compared
+    on the CPU in float32, whatever device and dtype the run was trained in)."""
+    from .train import load_run
 
-    run = Path(run_dir)
-    ck = run / "checkpoint.pt"
-    if not ck.is_file():
-        raise LocosnnError(f"{run} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
-    st = load_checkpoint(ck, expect=("config", "model"))
-    cfg = TrainConfig.from_dict(st["config"]).validate()
-    # exported and compared on the CPU in float32, whatever device and dtype the run was trained in
-    cfg.device, cfg.dtype = "cpu", "float32"
-    net = build_network(cfg)
-    try:
-        net.load_state_dict(st["model"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise LocosnnError(f"checkpoint {ck} does not fit its own config (arch {cfg.arch}): "
-                           f"{str(e).splitlines()[0]}") from None
+    net, cfg, _ = load_run(run_dir, device="cpu", dtype="float32")
     return net, cfg
 
 

@@ -43,6 +43,33 @@ def build_network(cfg: TrainConfig, seed: int | None = None) -> SpikingNetwork:
     return net.to(device=device, dtype=dtype)
 
 
+def load_run(run_dir: str | Path, device: Optional[str] = "cpu", dtype: Optional[str] = "float32",
+             expect: tuple[str, ...] = ("config", "model")) -> tuple[SpikingNetwork, TrainConfig, dict[str, Any]]:
+    """The network of a run directory's checkpoint, the run's TrainConfig and the checkpoint itself.
+
+    ``device`` / ``dtype`` replace the run's own (None keeps them): a run trained on a GPU is
+    evaluated, probed or exported wherever this runs. Clear errors for a missing checkpoint or one
+    that does not fit its own config."""
+    run = Path(run_dir)
+    ck = run / "checkpoint.pt"
+    if not ck.is_file():
+        raise LocosnnError(f"{run} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
+    st = load_checkpoint(ck, expect=expect)
+    cfg = TrainConfig.from_dict(st["config"])
+    if device is not None:
+        cfg.device = device
+    if dtype is not None:
+        cfg.dtype = dtype
+    cfg.validate()
+    net = build_network(cfg)
+    try:
+        net.load_state_dict(st["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise LocosnnError(f"checkpoint {ck} does not fit its own config (arch {cfg.arch}): "
+                           f"{str(e).splitlines()[0]}") from None
+    return net, cfg, st
+
+
 def to_net(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch moved to the network's device, x also to its dtype (y stays integer)."""
     p = next(net.parameters(), None)
