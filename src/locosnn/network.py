@@ -167,6 +167,12 @@ class Trace:
     outputs: list[list[torch.Tensor]] = field(default_factory=list)
     noise: list[list[torch.Tensor]] = field(default_factory=list)
 
+    def rows(self, sl: slice) -> "Trace":
+        """The trace of some rows of the batch (e.g. the clean part of a stacked clean | noisy batch)."""
+        pick = lambda lists: [[a[sl] for a in per_t] for per_t in lists]  # noqa: E731
+        return Trace(out=self.out[sl], inputs=pick(self.inputs), currents=pick(self.currents),
+                     membranes=pick(self.membranes), outputs=pick(self.outputs), noise=pick(self.noise))
+
     def spike_counts(self) -> list[float]:
         """Total output events per hidden layer (for liveness checks)."""
         return [float(sum(o.sum() for o in outs)) for outs in self.outputs[:-1]]

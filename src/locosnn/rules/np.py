@@ -175,8 +175,4 @@ class NodePerturbation(LearningRule):
 
 def split_trace(tr: Trace, B: int) -> tuple[Trace, Trace]:
     """Split a trace of a concatenated (clean | noisy) batch into two traces."""
-    def part(sl: slice) -> Trace:
-        pick = lambda lists: [[a[sl] for a in per_t] for per_t in lists]  # noqa: E731
-        return Trace(out=tr.out[sl], inputs=pick(tr.inputs), currents=pick(tr.currents),
-                     membranes=pick(tr.membranes), outputs=pick(tr.outputs), noise=pick(tr.noise))
-    return part(slice(0, B)), part(slice(B, None))
+    return tr.rows(slice(0, B)), tr.rows(slice(B, None))

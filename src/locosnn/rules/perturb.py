@@ -256,10 +256,7 @@ class DeepEstimator:
         plus = slice(B, B + P)
         minus = slice(B + P, B + 2 * P) if opts.antithetic else None
 
-        clean = Trace(out=tr.out[:B], inputs=[[a[:B] for a in per_t] for per_t in tr.inputs],
-                      currents=[[a[:B] for a in per_t] for per_t in tr.currents],
-                      outputs=[[a[:B] for a in per_t] for per_t in tr.outputs],
-                      membranes=[[a[:B] for a in per_t] for per_t in tr.membranes])
+        clean = tr.rows(slice(0, B))
         l_clean = rule.loss_fn(clean.out, y)
         extras: dict[str, Any] = {}
 
