@@ -52,6 +52,7 @@ bench-deep:
 	$(BIN)/python benchmarks/deep_diag.py
 	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_d10,deep_d10_seeds,deep_d10_seeds_more
 	$(BIN)/python benchmarks/deep_probes.py
+	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_2layer,deep_depth,deep_depth_more
 	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_ablation,deep_ablation_init_opt,deep_ablation_adam,deep_d10_long
 	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_2layer,deep_depth
 
