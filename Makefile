@@ -54,7 +54,6 @@ bench-deep:
 	$(BIN)/python benchmarks/deep_probes.py
 	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_2layer,deep_depth,deep_depth_more
 	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_ablation,deep_ablation_init_opt,deep_ablation_adam,deep_d10_long
-	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_2layer,deep_depth
 
 report: results
 
