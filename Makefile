@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test train bench-bptt bench-loco bench-cost bench-sal bench bench-deep report results clean
+.PHONY: setup test test-fast lint train bench-bptt bench-loco bench-cost bench-sal bench bench-deep bench-g2p report results clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -14,8 +14,16 @@ setup:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium) || \
 	  echo "WARNING: could not install dataset-fashion-mnist chromium (need root: sudo apt-get install dataset-fashion-mnist chromium)"; fi
 
-test:
+# everything CI runs: the linter, then every test (slow ones included)
+test: lint
 	$(BIN)/python -m pytest -q
+
+# the edit-test loop: the same minus the tests marked slow (Ray, sweep resume, multi-process)
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint:
+	$(BIN)/ruff check src tests benchmarks examples
 
 train:
 	$(BIN)/locosnn train --rule bptt --dataset fashion-mnist --arch 784-500-500-10 --epochs 10 --out runs/bptt-fmnist
@@ -43,17 +51,22 @@ bench:
 # RESULTS.md and the results table in README.md; `make report` is the same thing
 results:
 	$(BIN)/locosnn report benchmarks/sweep --out benchmarks/report --results-md RESULTS.md --readme-table README.md
-	$(BIN)/locosnn report benchmarks/deep --grids deep_d10,deep_d10_seeds,deep_d10_seeds_more,deep_d10_long,deep_depth,deep_2layer --title "Deep networks (784-256xD-10)" --out benchmarks/deep/report --results-md docs/deep_results.md
+	$(BIN)/locosnn report benchmarks/deep --grids deep_d10,deep_d10_seeds,deep_d10_seeds_more,deep_d10_seeds_local,deep_d10_long,deep_depth,deep_depth_more,deep_2layer --arch 784-256x10-10 --title "Deep networks" --out benchmarks/deep/report --results-md docs/deep_results.md
 	$(BIN)/python benchmarks/deep_ablation.py --dir benchmarks/deep --out docs/deep_ablation.md
+	$(BIN)/locosnn report benchmarks/g2p --grids g2p,g2p_seeds --arch 189-256-256-53 --out benchmarks/g2p/report --title 'Grapheme-to-phoneme (CMUdict)' --results-md docs/g2p_results.md
 
 # deep networks (docs/deep.md): resumable; the D = 10 grids with 3 seeds take about 1.5 h on 2 cores,
 # the ablation and depth grids several more hours
 bench-deep:
 	$(BIN)/python benchmarks/deep_diag.py
-	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_d10,deep_d10_seeds,deep_d10_seeds_more
+	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_d10,deep_d10_seeds,deep_d10_seeds_more,deep_d10_seeds_local
 	$(BIN)/python benchmarks/deep_probes.py
 	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_2layer,deep_depth,deep_depth_more
 	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_ablation,deep_ablation_init_opt,deep_ablation_adam,deep_d10_long
+
+# the grapheme-to-phoneme baseline table (docs/g2p.md): 3 seeds x 4 rules, about 25 minutes on 2 shared cores
+bench-g2p:
+	$(BIN)/locosnn bench benchmarks/g2p.toml --workers 1 --only g2p,g2p_seeds
 
 report: results
 

@@ -51,7 +51,7 @@ def main() -> None:
              "| rule | seed | | " + " | ".join(f"L{i + 1}" for i in range(L)) + " |", "|---|---|---|" + "---|" * L]
     for r in sorted(rows, key=lambda r: (r["rule_name"], r["seed"])):
         lines.append(f"| {r['rule_name']} | {r['seed']} | init | " + " | ".join(f"{a:.3f}" for a in r["init"]) + " |")
-        lines.append(f"| | | trained | " + " | ".join(f"{a:.3f}" for a in r["trained"]) + " |")
+        lines.append("| | | trained | " + " | ".join(f"{a:.3f}" for a in r["trained"]) + " |")
     (root / "probes.md").write_text("\n".join(lines) + "\n")
 
 

@@ -8,7 +8,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -101,6 +100,7 @@ rule = {rules}
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
                          ids=["sigterm", "sigint", "ctrl-c"])
 def test_interrupted_bench_stops_its_workers_promptly_and_keeps_finished_cells(tmp_path, sig, group):
@@ -179,6 +179,7 @@ def test_concurrent_train_on_the_same_out_is_refused(tmp_path, capsys):
 
 
 # -- run directories ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_does_not_overwrite_a_continual_run_or_other_files(tmp_path, capsys):
     cl = tmp_path / "cl"
     code, _, err = run(["continual", "--dataset", "digits", "--arch", "64-16-10", "--n-tasks", "2", "-T", "2",
@@ -431,6 +432,7 @@ def test_train_help_shows_each_default_once():
     assert "(default: 0.001)" in h.stdout and "(default: bptt)" in h.stdout
 
 
+@pytest.mark.slow
 def test_no_progress_prints_one_line_per_epoch(tmp_path):
     r = subprocess.run(CLI + ["train", *TINY, "--epochs", "3", "--out", str(tmp_path / "r"), "--no-progress"],
                        capture_output=True, text=True, timeout=300)

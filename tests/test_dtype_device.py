@@ -43,6 +43,8 @@ CASES = [(name, SMALL.get(name, {})) for name in sorted(RULES)] + [
     ("loco", {**SMALL["loco"], **DEEP}),
     ("loco", {**SMALL["loco"], "whiten": 0.1}),
     ("loco", {**SMALL["loco"], "variant": "faithful", "drop_mean": True}),
+    ("loco", {**SMALL["loco"], "projector_every": 2}),
+    ("loco", {**SMALL["loco"], "projector": "fast", "kmeans_every": 2}),
     ("opzo", {"clean_reference": True}),
     ("sfdfa", {"online": True, "b_init": "random"}),
     ("owm", {"update": "task"}),
@@ -130,7 +132,9 @@ def test_float64_matches_float32(name):
 
 
 @pytest.mark.parametrize("name,kw", [("fa", {}), ("dfa", {}), ("opzo", {}), ("sfdfa", {"b_init": "random"}),
-                                     ("np", DEEP), ("loco", SMALL["loco"]), ("owm", {})])
+                                     ("np", DEEP), ("loco", SMALL["loco"]),
+                                     ("loco", {**SMALL["loco"], "projector_every": 3}),
+                                     ("owm", {})])
 def test_state_follows_a_moved_network(name, kw):
     """State made in float32 (feedback matrices, heads, LOCO's memory) follows net.to(float64)."""
     net = _net()

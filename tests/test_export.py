@@ -86,7 +86,7 @@ def _net(arch="20-16-12-4", seed=0, **kw):
 
 
 def test_graph_nodes_and_parameters():
-    nir = pytest.importorskip("nir")
+    pytest.importorskip("nir")
     from locosnn.export import to_nir
 
     net = _net(neuron=NeuronConfig(beta=0.8, theta=1.5, reset="zero"), out_beta=0.9)

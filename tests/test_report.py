@@ -113,7 +113,7 @@ def test_every_figure_is_written_and_referenced_in_html_and_md(report, results):
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     for name in FIGURES:
-        assert f"![" in md and f"(figures/{name})" in md
+        assert "![" in md and f"(figures/{name})" in md
         assert f"data-file='figures/{name}'" in html
         png = (out / "figures" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and base64.b64encode(png).decode() in html  # embedded, not linked
@@ -275,3 +275,42 @@ def test_report_grids_filter_keeps_only_those_grids(tmp_path):
     assert res["md"]
     with pytest.raises(LocosnnError):
         build_report([d], out=tmp_path / "r2", grids=["nothing"])
+
+
+def _tidy(rows):
+    pd = pytest.importorskip("pandas")
+    cols = ["grid", "cell", "rule_name", "rule", "arch", "depth", "width", "epochs", "val_acc", "test_acc"]
+    df = pd.DataFrame([dict(zip(cols, r)) for r in rows])
+    df["kind"], df["epoch"], df["T"], df["limit"], df["lr"], df["rule_args"] = "train", df["epochs"], 8, 1000, 1e-3, "{}"
+    df["config_id"] = df["rule_name"] + df["arch"] + df["epochs"].astype(str)
+    df["git_sha"], df["command"] = "0" * 40, "locosnn bench x.toml"
+    return df
+
+
+def test_best_table_never_picks_a_setting_across_architectures_or_budgets():
+    """A 2-layer cell with a higher validation score must not stand for the 10-layer label, nor a
+    20-epoch cell for the 8-epoch one; the other depths of a depth sweep go to the depth table."""
+    import pathlib
+    import tempfile
+
+    from locosnn.report import Figures, section_best, section_depth
+    df = _tidy([
+        ("d10", "a", "x", "np", "784-256x10-10", 10, 256, 8, 0.80, 0.79),
+        ("d10", "b", "y", "bptt", "784-256x10-10", 10, 256, 8, 0.83, 0.82),
+        ("long", "c", "x", "np", "784-256x10-10", 10, 256, 20, 0.82, 0.81),
+        ("depth", "d", "x", "np", "784-256x2-10", 2, 256, 8, 0.86, 0.85),
+        ("depth", "e", "x", "np", "784-256x6-10", 6, 256, 8, 0.84, 0.83),
+        ("two", "f", "x", "np", "784-500-500-10", 2, 500, 6, 0.87, 0.86),
+    ])
+    sec = section_best(df, [], arch="784-256x10-10")
+    (_, rows, _), = sec.tables
+    got = {(r[0], r[2], r[4]): r[8] for r in rows}
+    assert got == {("x", "784-256x10-10", "8"): "79.00", ("y", "784-256x10-10", "8"): "82.00",
+                   ("x", "784-256x10-10", "20"): "81.00", ("x", "784-500-500-10", "6"): "86.00"}, got
+    assert [r[2] for r in rows][:3] == ["784-256x10-10"] * 3  # the chosen architecture comes first
+    # the depth sweep joins the depth grid with the one-depth headline grid of the same budget
+    with tempfile.TemporaryDirectory() as d:
+        dep = section_depth(df, [], Figures(pathlib.Path(d)))
+    (header, drows, _), = dep.tables
+    assert header == ["rule", "D = 2", "D = 6", "D = 10"]
+    assert drows == [["x", "85.00 (1)", "83.00 (1)", "79.00 (1)"], ["y", "", "", "82.00 (1)"]]

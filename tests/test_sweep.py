@@ -134,6 +134,7 @@ def test_bad_config_through_the_cli_is_one_line_exit_2(tmp_path, capsys):
 
 
 # -- running -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_cell_sweep_two_workers_then_resume_after_interruption(tmp_path, capsys):
     cfg = write(tmp_path, TINY + '[[grid]]\nname = "acc"\nrule = ["bptt", "fa"]\ndepth = 1\nwidth = 16\n'
                                'align_every = 1\n')
@@ -255,6 +256,7 @@ def test_continual_cells_use_run_continual(tmp_path, monkeypatch):
     assert res["summary"]["ACC"] == 0.8
 
 
+@pytest.mark.slow
 def test_ray_engine_runs_a_two_cell_sweep(tmp_path):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'locosnn[dist]')")
     cfg = write(tmp_path, TINY + '[[grid]]\nname = "r"\nrule = ["bptt", "fa"]\ndepth = 1\nwidth = 8\n')

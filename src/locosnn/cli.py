@@ -56,6 +56,10 @@ examples:
   locosnn train --config run.toml --out runs/from-file      # run.toml: lr = 1e-3, epochs = 5, ...
   locosnn train --out runs/bptt --resume --epochs 20        # continue a run, here to 20 epochs
   locosnn eval runs/bptt --split val
+
+  # data-parallel (docs/distributed.md): 2 processes, each on half of every batch of 100
+  locosnn train --rule dfa --batch-size 100 --nproc 2 --out runs/dfa-dp
+  torchrun --standalone --nproc-per-node 2 -m locosnn train --rule dfa --batch-size 100 --out runs/dfa-dp
 """
 
 
@@ -145,6 +149,15 @@ def _train_parser(sub: Any) -> None:
                    help="every N steps, log the per-layer cosine and norm ratio of the rule's update to the BPTT "
                         "gradient on the same batch (align_cos, align_norm_ratio in metrics.jsonl) (default: 0 = off)")
 
+    g = p.add_argument_group("data-parallel (docs/distributed.md)")
+    g.add_argument("--nproc", type=int, metavar="N",
+                   help="train in N local processes (torch.distributed: gloo on CPU, NCCL on GPU, one GPU per "
+                        "process), each on --batch-size / N rows of every batch; the same weights as one process "
+                        "up to rounding (default: 1 process; under torchrun, its WORLD_SIZE)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads per process (default: 1 with --nproc or torchrun; in a single process, "
+                        "as many as torch chooses)")
+
 
 def _count_or_fraction(v: str) -> int | float:
     """argparse type of --val-size (kept for callers); the config casts the same way."""
@@ -197,10 +210,21 @@ def check_out_dir(out: Path, command: str, resume: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed as dp
     from .checkpoint import DirLock, load_checkpoint
     from .config import TrainConfig, load_config_file
     from .train import Trainer, epoch_summary
 
+    world = dp.env_world_size()  # > 1: this is one of the processes torchrun or --nproc started
+    nproc = getattr(args, "nproc", None)
+    threads = getattr(args, "threads", None)
+    if nproc is not None and nproc < 1:
+        raise LocosnnError(f"--nproc must be >= 1, got {nproc}")
+    if threads is not None and threads < 1:
+        raise LocosnnError(f"--threads must be >= 1, got {threads}")
+    if world > 1 and nproc not in (None, world):
+        raise LocosnnError(f"--nproc {nproc} differs from WORLD_SIZE={world} of the processes torchrun started")
+    n_dp = world if world > 1 else (nproc or 1)
     settings: dict[str, Any] = load_config_file(args.config) if args.config else {}
     out_arg = Path(args.out) if args.out else None
     if args.resume and out_arg is not None:
@@ -220,11 +244,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = out_arg or Path(f"runs/{cfg.rule}-{cfg.dataset}")
     if out.exists() and not out.is_dir():
         raise LocosnnError(f"--out {out} is an existing file, not a directory; choose another --out")
-    with DirLock(out, "train"):
+    if n_dp > 1 and cfg.batch_size % n_dp:
+        raise LocosnnError(f"--batch-size {cfg.batch_size} is not divisible by the {n_dp} data-parallel processes "
+                           f"(each takes an equal share of every batch); choose a multiple of {n_dp}")
+    if world <= 1 and n_dp > 1:  # start the processes; each runs this command again as one rank of the group
         check_out_dir(out, "train", args.resume)
-        on_epoch = None if args.progress else (lambda row: print(epoch_summary(row), flush=True))
-        trainer = Trainer(cfg, out=out, resume=args.resume, progress=args.progress, on_epoch=on_epoch)
-        hist = trainer.fit()
+        code = dp.launch(n_dp, getattr(args, "argv", None) or sys.argv[1:], threads=threads or dp.DEFAULT_THREADS)
+        return 128 - code if code < 0 else code  # killed by signal s: 128 + s, as a shell reports it
+    if world > 1:
+        check_out_dir(out, "train", args.resume)  # read-only and before the rendezvous: no process has written yet
+        dp.init_from_env(cfg.device, threads=threads)
+        try:
+            lock = dp.on_main(lambda: DirLock(out, "train").acquire())
+            try:
+                trainer = Trainer(cfg, out=out, resume=args.resume, progress=args.progress,
+                                  on_epoch=None if args.progress else (lambda row: print(epoch_summary(row), flush=True)))
+                hist = trainer.fit()
+            finally:
+                if lock is not None:
+                    lock.release()
+        finally:
+            dp.shutdown()
+        if dp.env_rank() != 0:  # rank 0 reports
+            return 0
+    else:
+        if threads is not None:
+            import torch
+            torch.set_num_threads(threads)
+        with DirLock(out, "train"):
+            check_out_dir(out, "train", args.resume)
+            on_epoch = None if args.progress else (lambda row: print(epoch_summary(row), flush=True))
+            trainer = Trainer(cfg, out=out, resume=args.resume, progress=args.progress, on_epoch=on_epoch)
+            hist = trainer.fit()
     if hist:
         last = hist[-1]
         print(f"done: {out}  test_acc {last['test_acc']:.4f}  val_acc {last['val_acc']:.4f}")
@@ -287,7 +338,9 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # `train --nproc N` starts N processes with the same arguments
     if args.command is None:
         parser.print_help()
         return 2
@@ -302,10 +355,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
         return int(args.func(args))
     except LocosnnError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .distributed import Reported, env_rank
+        if not isinstance(e, Reported):  # Reported: rank 0 of a data-parallel run printed it
+            rank = f"[rank {env_rank()}] " if env_rank() else ""
+            print(f"error: {rank}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        print(INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
+        import os
+        from .distributed import env_rank
+        if env_rank() == 0 and not os.environ.get("LOCOSNN_LAUNCHED"):  # data-parallel: one line, rank 0 or --nproc
+            print(INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
         return interrupt_exit_code(e)
     except OSError as e:  # the file system said no (permissions, disk full, ...): one line, not a traceback
         print(f"error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import yaml
 
@@ -28,6 +28,9 @@ from .losses import LOSSES
 from .network import INITS, READOUTS
 from .neurons import NEURON_MODELS as NEURONS
 from .neurons import RESETS, SURROGATES
+
+if TYPE_CHECKING:
+    import torch
 
 #: optimiser names ``train.build_optimizer`` understands (the CLI's --optimizer choices)
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "nmom")
@@ -342,7 +345,8 @@ RULE_ARG_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "np": _NP,
     "loco": {**_NP, "rank": _at_least(1), "k": _at_least(0), "memory": _at_least(1), "tol": _at_least(0),
              "min_share": _UNIT, "per_batch": _at_least(1), "max_rows": _at_least(1),
-             "kmeans_iters": _at_least(1), "window": _at_least(0)},
+             "kmeans_iters": _at_least(1), "window": _at_least(0), "projector_every": _at_least(1),
+             "kmeans_every": _at_least(1)},
     "fa": _FEEDBACK,
     "dfa": {**_FEEDBACK, "feedback_scale": _POSITIVE},
     "opzo": {**_FEEDBACK, "feedback_scale": _POSITIVE, "alpha": _at_least(0), "lam": _UNIT},

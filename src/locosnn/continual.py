@@ -79,7 +79,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import math
 import sys
 import time

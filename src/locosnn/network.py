@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -88,6 +88,16 @@ def parse_arch(spec: str) -> tuple[tuple[int, ...], list[LayerSpec]]:
     return in_shape, layers
 
 
+def arch_depth_width(spec: str) -> tuple[int | None, int | None]:
+    """(hidden layers, first hidden width) of an arch spec, or (None, None) for a bad spec."""
+    try:
+        _, layers = parse_arch(spec)
+    except LocosnnError:
+        return None, None
+    hidden = layers[:-1]
+    return len(hidden), (hidden[0].out if hidden else None)
+
+
 def rng_device(generator: Optional[torch.Generator], device: torch.device | str) -> torch.device:
     """Where to draw random numbers for a tensor on ``device``: on the generator's own device
     (torch fills a tensor only from a generator on the same device), then moved to ``device``.
@@ -127,6 +137,10 @@ class Noise:
     generator: Optional[torch.Generator] = None
     layers: Optional[list[int]] = None
     clean_rows: int = 0  # the first clean_rows samples of the batch get no noise (clean + noisy in one pass)
+    #: data-parallel: this process's rows of the global batch (``locosnn.distributed.Shard``); the noise
+    #: is drawn for the global batch and this process keeps its rows, so a sample's noise does not
+    #: depend on how the batch is split. None: one process.
+    shard: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if self.site not in NOISE_SITES:
@@ -135,17 +149,20 @@ class Noise:
             raise LocosnnError(f"unknown noise distribution {self.dist!r}; choose one of {', '.join(NOISE_DISTS)}")
 
     def draw(self, like: torch.Tensor) -> torch.Tensor:
-        g = self.generator
-        if self.dist == "gaussian":
-            z = randn_on(like.shape, g, like.dtype, like.device)
-        elif self.dist == "rademacher":
-            z = randint_on(0, 2, like.shape, g, like.device).to(like.dtype) * 2 - 1
-        else:
-            z = (rand_on(like.shape, g, like.dtype, like.device) * 2 - 1) * math.sqrt(3.0)
+        z = self._sample(like, tuple(like.shape)) if self.shard is None else \
+            self.shard.draw(lambda shape: self._sample(like, shape), like.shape)
         z = self.sigma * z
         if self.clean_rows:
             z[: self.clean_rows] = 0
         return z
+
+    def _sample(self, like: torch.Tensor, shape: tuple) -> torch.Tensor:
+        g = self.generator
+        if self.dist == "gaussian":
+            return randn_on(shape, g, like.dtype, like.device)
+        if self.dist == "rademacher":
+            return randint_on(0, 2, shape, g, like.device).to(like.dtype) * 2 - 1
+        return (rand_on(shape, g, like.dtype, like.device) * 2 - 1) * math.sqrt(3.0)
 
     def applies_to(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers

@@ -164,8 +164,8 @@ def load_results(dirs: list[str | Path]):
             if col not in df:
                 df[col] = ""
         if "depth" not in df:
-            from .sweep import _shape
-            df["depth"] = [_shape(str(a))[0] for a in df["arch"]]
+            from .network import arch_depth_width
+            df["depth"] = [arch_depth_width(str(a))[0] for a in df["arch"]]
     for col in ("kind", "rule_name", "grid", "cell", "arch", "config_id", "params", "git_sha", "mode", "rule_args"):
         if col in df:
             df[col] = df[col].astype("string").fillna("")
@@ -248,8 +248,12 @@ def _best_config(final) -> tuple[str, str]:
     return str(means.idxmax()) if len(means.dropna()) else str(final[key].iloc[0]), col
 
 
-def _default_arch(train) -> str:
+def _default_arch(train, prefer: Optional[str] = None) -> str:
+    """The architecture of the per-rule figures and tables: ``prefer`` (``--arch``) when it has cells,
+    else 784-500-500-10 when present, else the one with the most cells."""
     counts = train.groupby("arch")["cell"].nunique()
+    if prefer and prefer in counts.index:
+        return prefer
     if DEFAULT_ARCH in counts.index:
         return DEFAULT_ARCH
     return str(min(counts.index, key=lambda a: (-counts[a], str(a))))
@@ -330,14 +334,14 @@ class Figures:
 
 
 # -- sections ------------------------------------------------------------------------------------------
-def section_accuracy(df, sources, figs: Figures) -> Section:
+def section_accuracy(df, sources, figs: Figures, arch: Optional[str] = None) -> Section:
     sec = Section("Accuracy vs epoch")
     train = df[df["kind"] == "train"] if "kind" in df else df.iloc[0:0]
     if not len(train) or "test_acc" not in train or "epoch" not in train:
         sec.notes.append("No train cells with per-epoch test accuracy: section omitted.")
         return sec
     train = train[train["test_acc"].notna()]
-    arch = _default_arch(train)
+    arch = _default_arch(train, arch)
     sub = train[train["arch"] == arch]
     final = _final(sub)
     colors = _colors(sub["rule_name"].unique())
@@ -370,42 +374,66 @@ def section_accuracy(df, sources, figs: Figures) -> Section:
     return sec
 
 
+def _depth_families(final) -> list[Any]:
+    """Final-epoch train cells that form a depth sweep: the same width, epochs, T and data size at more
+    than one depth (from any grids: a depth grid and a headline grid at one depth join)."""
+    if "depth" not in final or not len(final):
+        return []
+    fin = final[final["depth"].notna() & final["width"].notna()] if "width" in final else final.iloc[0:0]
+    keys = [k for k in ("width", "epochs", "T", "limit") if k in fin]
+    fams = []
+    for _, g in fin.groupby(keys, dropna=False, sort=True):
+        # a family must vary depth inside some grid (one-depth grids only join a real sweep)
+        if g["depth"].nunique() > 1 and any(x["depth"].nunique() > 1 for _, x in g.groupby("grid")):
+            fams.append(g)
+    return fams
+
+
 def section_depth(df, sources, figs: Figures) -> Section:
     sec = Section("Accuracy vs depth")
     train = df[df["kind"] == "train"] if "kind" in df else df.iloc[0:0]
     if not len(train) or "depth" not in train or "test_acc" not in train:
         sec.notes.append("No train cells with a depth: section omitted.")
         return sec
-    final = _final(train[train["depth"].notna()])
-    grids = [g for g, x in final.groupby("grid") if x["depth"].nunique() > 1]
-    if not grids:
+    fams = _depth_families(_final(train[train["depth"].notna()]))
+    if not fams:
         sec.notes.append("No grid of train cells varies the depth: section omitted.")
         return sec
-    for grid in grids:
-        fin = final[final["grid"] == grid]
+    for fin in fams:
+        grids = list(dict.fromkeys(str(g) for g in fin["grid"]))
+        tag = _safe(grids[0]) if len(grids) == 1 else _safe("+".join(sorted(grids)))[:80]
         colors = _colors(fin["rule_name"].unique())
         fig, (ax,) = figs.new(1, width=7, height=4.5)
+        depths = sorted(int(d) for d in fin["depth"].unique())
+        rows = []
         for name in sorted(fin["rule_name"].unique()):
             xs, ms, ss = [], [], []
+            cells = {}
             for depth, fd in fin[fin["rule_name"] == name].groupby("depth"):
                 cfg, _ = _best_config(fd)
                 acc = fd[fd["config_id"] == cfg]["test_acc"]
                 xs.append(int(depth))
                 ms.append(100 * acc.mean())
                 ss.append(100 * acc.std() if len(acc) > 1 else 0.0)
+                cells[int(depth)] = f"{ms[-1]:.2f}" + (f" ± {ss[-1]:.2f}" if len(acc) > 1 else "") + f" ({len(acc)})"
             ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, color=colors[name], label=name)
-        widths = sorted({int(w) for w in fin["width"].dropna()}) if "width" in fin else []
+            rows.append([name] + [cells.get(d, "") for d in depths])
+        widths = sorted({int(w) for w in fin["width"].dropna()})
         ax.set_xlabel("hidden layers" + (f" (width {', '.join(map(str, widths))})" if widths else ""))
         ax.set_ylabel("final test accuracy (%)")
         figs.integer_x(ax)
         epochs = sorted({int(e) for e in fin["epoch"].dropna()})
-        ax.set_title(f"grid {grid}: after {', '.join(map(str, epochs))} epoch(s)", fontsize=9)
+        ax.set_title(f"{', '.join(grids)}: after {', '.join(map(str, epochs))} epoch(s)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fname = figs.save(fig, f"accuracy_vs_depth_{_safe(grid)}.png")
-        sec.figures.append((fname, caption(fin, sources, f"Final test accuracy vs number of hidden layers, grid "
-                                           f"{grid}; per depth each rule's best setting by validation accuracy, "
-                                           "mean ± std over seeds.")))
+        fname = figs.save(fig, f"accuracy_vs_depth_{tag}.png")
+        sec.figures.append((fname, caption(fin, sources, f"Final test accuracy vs number of hidden layers, grids "
+                                           f"{', '.join(grids)}; per depth each rule's best setting by validation "
+                                           "accuracy, mean ± std over seeds.")))
+        sec.tables.append((["rule"] + [f"D = {d}" for d in depths], rows,
+                           caption(fin, sources, "Final test accuracy (%) per number of hidden layers D, mean ± std "
+                                   "over seeds (seeds in brackets); per depth each rule's best setting by "
+                                   "validation accuracy.")))
     return sec
 
 
@@ -529,7 +557,8 @@ def section_continual(df, sources, figs: Figures, mode: Optional[str] = None, ma
 
 
 def _per_layer_section(df, sources, figs: Figures, col: str, title: str, ylabel: str, fname: str, what: str,
-                       layer_label: Callable[[int], str], hline: Optional[float] = None) -> Section:
+                       layer_label: Callable[[int], str], hline: Optional[float] = None,
+                       arch: Optional[str] = None) -> Section:
     sec = Section(title)
     train = df[df["kind"] == "train"] if "kind" in df else df.iloc[0:0]
     if col not in train or not train[col].notna().any():
@@ -541,7 +570,7 @@ def _per_layer_section(df, sources, figs: Figures, col: str, title: str, ylabel:
     if not len(train):
         sec.notes.append(f"No readable {col} values: section omitted.")
         return sec
-    arch = _default_arch(train)
+    arch = _default_arch(train, arch)
     sub = train[train["arch"] == arch]
     names = sorted(sub["rule_name"].unique())
     fig, axes = figs.new(len(names), width=3.6, height=3.2, sharey=True)
@@ -572,19 +601,19 @@ def _per_layer_section(df, sources, figs: Figures, col: str, title: str, ylabel:
     return sec
 
 
-def section_alignment(df, sources, figs: Figures) -> Section:
+def section_alignment(df, sources, figs: Figures, arch: Optional[str] = None) -> Section:
     return _per_layer_section(df, sources, figs, "align_cos", "Alignment with BPTT",
                               "cosine(update, BPTT gradient)", "alignment.png",
                               "Per-layer cosine between each rule's update and the BPTT gradient on the same batch, "
-                              "mean per epoch (align_cos).", lambda li: f"layer {li + 1}", hline=0.0)
+                              "mean per epoch (align_cos).", lambda li: f"layer {li + 1}", hline=0.0, arch=arch)
 
 
-def section_angle(df, sources, figs: Figures) -> Section:
+def section_angle(df, sources, figs: Figures, arch: Optional[str] = None) -> Section:
     return _per_layer_section(df, sources, figs, "rule_angle_deg", "Feedback angle", "angle (degrees)",
                               "feedback_angle.png",
                               "Angle between each feedback matrix and the forward weights it stands in for, at the "
                               "end of each epoch (rule_angle_deg, entries in logged order; 90 = unrelated).",
-                              lambda li: f"feedback {li + 1}", hline=90.0)
+                              lambda li: f"feedback {li + 1}", hline=90.0, arch=arch)
 
 
 def _cost_metrics(cost) -> list[str]:
@@ -648,7 +677,21 @@ def section_cost(df, sources, figs: Figures) -> Section:
     return sec
 
 
-def section_best(df, sources) -> Section:
+def _best_row(name: str, fin) -> list[str]:
+    """One row of the best-accuracy table: ``name``'s best setting among the final epochs ``fin``."""
+    cfg, _ = _best_config(fin)
+    g = fin[fin["config_id"] == cfg]
+    r0 = g.iloc[0]
+    test = g["test_acc"]
+    val = g["val_acc"] if "val_acc" in g else test * math.nan
+    std = f" ± {100 * test.std():.2f}" if len(test) > 1 else ""
+    return [name, _setting(r0, "rule"), _setting(r0, "arch"), _setting(r0, "lr"), _setting(r0, "epochs"),
+            _setting(r0, "rule_args") if _setting(r0, "rule_args") not in ("{}",) else "",
+            str(len(g)), _fmt(float(val.mean()), True), f"{100 * test.mean():.2f}{std}",
+            ", ".join(dict.fromkeys(str(x) for x in g["grid"]))]
+
+
+def section_best(df, sources, arch: Optional[str] = None) -> Section:
     sec = Section("Best test accuracy per rule")
     train = df[df["kind"] == "train"] if "kind" in df else df.iloc[0:0]
     if not len(train) or "test_acc" not in train:
@@ -656,23 +699,26 @@ def section_best(df, sources) -> Section:
         return sec
     final = _final(train[train["test_acc"].notna()])
     rows = []
-    for name in sorted(final["rule_name"].unique()):
-        fin = final[final["rule_name"] == name]
-        cfg, col = _best_config(fin)
-        g = fin[fin["config_id"] == cfg]
-        r0 = g.iloc[0]
-        test = g["test_acc"]
-        val = g["val_acc"] if "val_acc" in g else test * math.nan
-        std = f" ± {100 * test.std():.2f}" if len(test) > 1 else ""
-        rows.append([name, _setting(r0, "rule"), _setting(r0, "arch"), _setting(r0, "lr"), _setting(r0, "epochs"),
-                     _setting(r0, "rule_args") if _setting(r0, "rule_args") not in ("{}",) else "",
-                     str(len(g)), _fmt(float(val.mean()), True), f"{100 * test.mean():.2f}{std}",
-                     ", ".join(dict.fromkeys(str(x) for x in g["grid"]))])
+    # one row per rule label and budget (architecture, epochs): settings are chosen within a budget,
+    # never across (a 2-layer cell must not stand for a 10-layer label, nor 20 epochs for 8). The other
+    # depths of a depth sweep have their own table (Accuracy vs depth).
+    from .network import arch_depth_width
+    default = _default_arch(final, arch)
+    swept = {a for fam in _depth_families(final) for a in fam["arch"].astype(str)}
+    budgets = [b for b in final[["arch", "epochs"]].drop_duplicates().astype(str).values.tolist()
+               if b[0] == default or b[0] not in swept]
+    budgets.sort(key=lambda b: (b[0] != default, arch_depth_width(b[0])[0] or 0, b[0], float(b[1] or 0)))
+    for arch, epochs in budgets:
+        for name in sorted(final["rule_name"].unique()):
+            fin = final[(final["rule_name"] == name) & (final["arch"].astype(str) == arch)
+                        & (final["epochs"].astype(str) == epochs)]
+            if len(fin):
+                rows.append(_best_row(name, fin))
     sec.tables.append((["label", "rule", "arch", "lr", "epochs", "rule_args", "seeds", "val acc (%)", "test acc (%)",
                         "grid"], rows,
-                       caption(final, sources, "Final-epoch accuracy of each rule label's best setting, chosen by "
-                                               "validation accuracy (the test set never chooses); mean ± std over "
-                                               "seeds.")))
+                       caption(final, sources, "Final-epoch accuracy of each rule label's best setting per architecture and "
+                                               "epoch budget, chosen by validation accuracy (the test set never "
+                                               "chooses); mean ± std over seeds.")))
     return sec
 
 
@@ -736,10 +782,12 @@ def render(sections: list[Section], sources: list[Source], out: Path, title: str
 def build_report(results: list[str | Path], out: str | Path | None = None, cl_mode: Optional[str] = None,
                  title: str = "locosnn results", results_md: str | Path | None = None,
                  readme_table: str | Path | None = None, command: Optional[str] = None,
-                 grids: Optional[list[str]] = None) -> dict[str, Any]:
+                 grids: Optional[list[str]] = None, arch: Optional[str] = None) -> dict[str, Any]:
     """Write report.html, report.md and figures/*.png; returns their paths and the sections' notes.
 
     ``grids``: only the cells of these grids (e.g. a headline comparison without its ablation).
+    ``arch``: the architecture of the per-rule figures (default: 784-500-500-10 when present, else the
+    most common one).
 
     ``results_md``: also write that file (:func:`write_results_md`); ``readme_table``: refresh the
     summary table in that file (:func:`update_readme_table`); ``command``: the command line named in
@@ -756,12 +804,12 @@ def build_report(results: list[str | Path], out: str | Path | None = None, cl_mo
     for old in figs.dir.glob("*.png"):  # a figure whose data is gone must not linger
         old.unlink()
     builders: list[tuple[str, Callable[[], Section]]] = [
-        ("Best test accuracy per rule", lambda: section_best(df, sources)),
-        ("Accuracy vs epoch", lambda: section_accuracy(df, sources, figs)),
+        ("Best test accuracy per rule", lambda: section_best(df, sources, arch)),
+        ("Accuracy vs epoch", lambda: section_accuracy(df, sources, figs, arch)),
         ("Accuracy vs depth", lambda: section_depth(df, sources, figs)),
         ("Continual learning", lambda: section_continual(df, sources, figs, cl_mode)),
-        ("Alignment with BPTT", lambda: section_alignment(df, sources, figs)),
-        ("Feedback angle", lambda: section_angle(df, sources, figs)),
+        ("Alignment with BPTT", lambda: section_alignment(df, sources, figs, arch)),
+        ("Feedback angle", lambda: section_angle(df, sources, figs, arch)),
         ("Cost", lambda: section_cost(df, sources, figs)),
     ]
     sections = []
@@ -779,7 +827,7 @@ def build_report(results: list[str | Path], out: str | Path | None = None, cl_mo
                            "figures": [out / "figures" / f for s in sections for f, _ in s.figures],
                            "notes": [n for s in sections for n in s.notes], "sections": sections}
     if command is None:
-        command = report_command(results, out, cl_mode, title, results_md, readme_table, grids)
+        command = report_command(results, out, cl_mode, title, results_md, readme_table, grids, arch)
     if results_md is not None:
         res["results_md"] = write_results_md(md_path, results_md, sources, command)
     if readme_table is not None:
@@ -794,11 +842,14 @@ TABLE_END = "<!-- results-table:end -->"
 
 def report_command(results: list[str | Path], out: str | Path | None, cl_mode: Optional[str] = None,
                    title: str = "locosnn results", results_md: str | Path | None = None,
-                   readme_table: str | Path | None = None, grids: Optional[list[str]] = None) -> str:
+                   readme_table: str | Path | None = None, grids: Optional[list[str]] = None,
+                   arch: Optional[str] = None) -> str:
     """The ``locosnn report`` command line that makes this report (named in generated files)."""
     words = ["locosnn", "report", *map(str, results)]
     if grids:
         words += ["--grids", ",".join(grids)]
+    if arch:
+        words += ["--arch", arch]
     if out is not None:
         words += ["--out", str(out)]
     if cl_mode:
@@ -972,6 +1023,9 @@ def add_parser(sub: Any) -> None:
                    help=f"refresh the summary table (test accuracy per rule at {DEFAULT_ARCH}, mean ± std over "
                         f"seeds) between the markers {TABLE_BEGIN} and {TABLE_END} in FILE (e.g. README.md)")
     p.add_argument("--grids", metavar="G1,G2", help="only the cells of these grids (comma-separated)")
+    p.add_argument("--arch", metavar="ARCH",
+                   help=f"architecture of the accuracy-vs-epoch and per-layer figures and the first rows of the "
+                        f"best-accuracy table (default: {DEFAULT_ARCH} when present, else the most common)")
     p.set_defaults(func=cmd_report)
 
 
@@ -979,7 +1033,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     grids = [g for g in (args.grids or "").split(",") if g] or None
     res = build_report(args.results, out=args.out, cl_mode=args.cl_mode, title=args.title,
                        results_md=getattr(args, "results_md", None), readme_table=getattr(args, "readme_table", None),
-                       grids=grids)
+                       grids=grids, arch=args.arch)
     print(f"wrote {res['html']} and {res['md']} ({len(res['figures'])} figures)")
     for k in ("results_md", "readme_table"):
         if k in res:

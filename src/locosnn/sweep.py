@@ -141,6 +141,7 @@ import yaml
 from .checkpoint import DirLock, atomic_write_bytes, atomic_write_json
 from .config import TrainConfig, read_config_text
 from .errors import LocosnnError, NonFiniteError, interrupt_exit_code
+from .network import arch_depth_width
 
 KINDS = ("train", "continual", "cost")
 DEFAULT_ARCH_TEMPLATE = "784-{width}x{depth}-10"
@@ -474,22 +475,11 @@ def _cell_dir(out: Path, cell: Cell) -> Path:
     return out / "cells" / cell.id
 
 
-def _shape(arch: str) -> tuple[Optional[int], Optional[int]]:
-    """(hidden layers, first hidden width) of an arch spec, or (None, None)."""
-    from .network import parse_arch
-    try:
-        _, layers = parse_arch(arch)
-    except LocosnnError:
-        return None, None
-    hidden = layers[:-1]
-    return len(hidden), (hidden[0].out if hidden else None)
-
-
 def _cell_columns(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
     full = {**TrainConfig().to_dict(), **cell.settings}
     depth, width = cell.depth, cell.width
     if depth is None:
-        depth, width = _shape(full.get("arch", ""))
+        depth, width = arch_depth_width(full.get("arch", ""))
     return {"grid": cell.grid, "cell": cell.id, "kind": cell.kind, "rule_name": cell.rule_name,
             "status": result.get("status", ""), **full, "depth": depth, "width": width,
             "config_id": cell.config_id, "params": json.dumps(cell.params, sort_keys=True, default=str),

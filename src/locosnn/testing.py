@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .network import SpikingNetwork, Trace
+from .network import Trace
 
 
 def assert_spiking(trace: Trace, min_rate: float = 0.01, max_rate: float = 0.99) -> None:

@@ -3,6 +3,9 @@
 Data flows one way: data -> encoding -> rule.step (which runs the network and
 writes .grad) -> optimiser -> metrics. The trainer never asks which rule it runs.
 
+Data-parallel (``locosnn.distributed``): every process runs this loop on its rows of each global
+batch; the rules' .grad is averaged after ``rule.step``; rank 0 alone prints and writes.
+
 Run directory:
   config.json     every hyperparameter, seed, git SHA, versions, machine, data checksum
   metrics.jsonl   one JSON object per epoch (pandas.read_json(path, lines=True))
@@ -19,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import distributed as dp
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from .config import TrainConfig, resolve_device, resolve_dtype
 from .data import Dataset, Split, batches, load_dataset
@@ -95,16 +99,30 @@ def build_optimizer(cfg: TrainConfig, net: SpikingNetwork) -> torch.optim.Optimi
 
 
 @torch.no_grad()
-def evaluate(net: SpikingNetwork, split: Split, cfg: TrainConfig, batch_size: int = 1000) -> dict[str, float]:
-    """Accuracy and mean loss on a split (encoder noise from a fixed generator, so eval is repeatable)."""
+def evaluate(net: SpikingNetwork, split: Split, cfg: TrainConfig, batch_size: int = 1000,
+             group: Optional[dp.Group] = None) -> dict[str, float]:
+    """Accuracy and mean loss on a split (encoder noise from a fixed generator, so eval is repeatable).
+
+    ``group``: data-parallel; each process evaluates its rows of every batch (encoded whole, so the
+    encoder noise is that of one process) and the sums are all-reduced: every process returns the
+    numbers of the whole split."""
     g = torch.Generator().manual_seed(10_000 + cfg.seed)
     correct, total, loss_sum = 0, 0, 0.0
     for x, y in batches(split, batch_size, shuffle=False):
         x, y = to_net(net, x, y)
-        out = net.run(encode(x, cfg.T, cfg.encoder, g)).out
+        x_seq = encode(x, cfg.T, cfg.encoder, g)
+        if group is not None:
+            shard = group.shard(len(y))
+            if shard.size == 0:
+                continue
+            x_seq, y = shard.take(x_seq, 1), shard.take(y)
+        out = net.run(x_seq).out
         loss_sum += float(per_sample_loss(out, y, cfg.loss).sum())
         correct += int((out.argmax(1) == y).sum())
         total += len(y)
+    if group is not None:
+        (s,) = dp.all_reduce_sum([torch.tensor([float(correct), float(total), loss_sum], dtype=torch.float64)], group)
+        correct, total, loss_sum = int(round(float(s[0]))), int(round(float(s[1]))), float(s[2])
     return {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
 
 
@@ -166,15 +184,27 @@ def epoch_summary(row: dict[str, Any]) -> str:
 
 
 class Trainer:
-    """Train ``cfg.rule`` on ``cfg.dataset``; writes into ``out``. ``resume=True`` continues a run."""
+    """Train ``cfg.rule`` on ``cfg.dataset``; writes into ``out``. ``resume=True`` continues a run.
+
+    Data-parallel when this process joined a group (:func:`locosnn.distributed.init_from_env`, or
+    ``group``): every process constructs the same Trainer; each trains on its rows of every global
+    batch of ``cfg.batch_size``, and only rank 0 prints, writes and calls ``on_epoch``."""
 
     def __init__(self, cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
                  progress: bool = True, dataset: Optional[Dataset] = None, rule: Optional[LearningRule] = None,
-                 on_epoch: Optional[Callable[[dict], None]] = None) -> None:
+                 on_epoch: Optional[Callable[[dict], None]] = None, group: Optional[dp.Group] = None) -> None:
         self.cfg = cfg.validate()
+        self.group = group if group is not None else dp.current()
+        if self.group is not None and self.group.world_size == 1:
+            self.group = None
+        self.is_main = self.group is None or self.group.is_main
+        if self.group is not None and cfg.batch_size % self.group.world_size:
+            raise LocosnnError(f"--batch-size {cfg.batch_size} is not divisible by the {self.group.world_size} "
+                               "data-parallel processes (each takes an equal share of every global batch)")
         self.out = Path(out) if out else None
-        self.progress = progress
-        self.on_epoch = on_epoch
+        self.progress = progress and self.is_main
+        self.on_epoch = on_epoch if self.is_main else None
+        self._warned_small = False
         # cheap checks first: a bad rule or spec fails before any data is read
         self.net = build_network(cfg)
         self.rule = rule or make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
@@ -218,6 +248,9 @@ class Trainer:
         meta = {"config": self.cfg.to_dict(), "git_sha": git_sha(), "versions": versions(), "machine": machine(),
                 "dataset": self.data.info(), "n_params": sum(p.numel() for p in self.net.parameters()),
                 "device_resolved": str(resolve_device(self.cfg.device))}
+        if self.group is not None:
+            meta["data_parallel"] = {"world_size": self.group.world_size, "backend": self.group.backend,
+                                     "threads_per_process": torch.get_num_threads()}
         atomic_write_json(self.out / "config.json", meta)
 
     # -- the loop -------------------------------------------------------------
@@ -250,12 +283,26 @@ class Trainer:
         step_time, step = 0.0, -1
         for step, (x, y) in enumerate(it):
             x, y = to_net(self.net, x, y)
-            x_seq = encode(x, cfg.T, cfg.encoder, self.enc_gen)
+            x_seq = encode(x, cfg.T, cfg.encoder, self.enc_gen)  # data-parallel: the whole global batch, as one process
+            shard = None
+            if self.group is not None:
+                shard = self.group.shard(len(y))
+                if min(shard.sizes) == 0:  # a last batch smaller than the process count: skipped everywhere
+                    self._warn_small(len(y))
+                    continue
+                x_seq, y = shard.take(x_seq, 1), shard.take(y)
+                self.rule.shard = shard
             if cfg.align_every and step % cfg.align_every == 0:
                 aligns.append(alignment(self.rule, self.net, x_seq, y))
             t_step = time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
             report = self.rule.step(self.net, x_seq, y)
+            n_correct = int((report["out"].argmax(1) == y).sum()) if "out" in report else 0
+            batch_loss, batch_n = report["loss"] * len(y), len(y)
+            if shard is not None:  # every .grad becomes the global batch mean; loss and accuracy of the global batch
+                batch_loss, n_correct = shard.reduce_step(self.net.parameters(), report["loss"], n_correct)
+                batch_n = shard.total
+                report = {**report, "loss": batch_loss / batch_n}
             check_finite(self.net, report, self.epoch + 1, step)
             self.opt.step()
             step_time += time.perf_counter() - t_step
@@ -263,25 +310,41 @@ class Trainer:
             for k, v in report.items():
                 if k not in ("loss", "out") and isinstance(v, (int, float)):
                     extras.setdefault(k, []).append(float(v))
-            loss_sum += report["loss"] * len(y)
-            seen += len(y)
-            if "out" in report:
-                correct += int((report["out"].argmax(1) == y).sum())
+            loss_sum += batch_loss
+            seen += batch_n
+            correct += n_correct
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         if bar is not None:
             bar.close()
+        self.rule.shard = None
         res: dict[str, Any] = {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                                "step_time_s": step_time / max(step + 1, 1)}
-        res.update({f"rule_{k}": sum(v) / len(v) for k, v in extras.items()})
+        rule_means = {f"rule_{k}": sum(v) / len(v) for k, v in extras.items()}
+        if self.group is not None:  # the rule's numbers of this process's rows: their mean over the processes
+            rule_means = dp.mean_over_ranks(rule_means, self.group)
+        res.update(rule_means)
         if aligns:
             L = len(aligns[0])
             res["align_cos"] = [sum(a[li]["cos"] for a in aligns) / len(aligns) for li in range(L)]
             res["align_norm_ratio"] = [sum(a[li]["norm_ratio"] for a in aligns) / len(aligns) for li in range(L)]
         return res
 
+    def _warn_small(self, n: int) -> None:
+        if not self._warned_small and self.is_main:
+            print(f"warning: a batch of {n} samples is smaller than the {self.group.world_size} data-parallel "
+                  "processes and is skipped (choose --batch-size / --limit so that no last batch is that small)",
+                  file=sys.stderr, flush=True)
+        self._warned_small = True
+
     def fit(self) -> list[dict]:
-        if self.out is not None:
+        try:
+            return self._fit()
+        finally:
+            self.rule.shard = None
+
+    def _fit(self) -> list[dict]:
+        if self.out is not None and self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._write_config()
         while self.epoch < self.cfg.epochs:
@@ -290,22 +353,25 @@ class Trainer:
             row.update(self.train_epoch())
             row.update({f"rule_{k}": v for k, v in self.rule.end_epoch(self.net).items()})
             t_train = time.perf_counter() - t0
-            val = evaluate(self.net, self.data.val, self.cfg) if len(self.data.val) else {"acc": float("nan"), "loss": float("nan")}
-            test = evaluate(self.net, self.data.test, self.cfg)
+            val = evaluate(self.net, self.data.val, self.cfg, group=self.group) if len(self.data.val) else \
+                {"acc": float("nan"), "loss": float("nan")}
+            test = evaluate(self.net, self.data.test, self.cfg, group=self.group)
             row.update({"val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
                         "test_loss": test["loss"], "epoch_time_s": t_train,
                         "peak_rss_mb": peak_rss_mb(), "rule": self.cfg.rule, "seed": self.cfg.seed})
             self.epoch += 1
             self.history.append(row)
-            if self.out is not None:
+            if self.out is not None and self.is_main:
                 save_checkpoint(self.out / "checkpoint.pt", self.state())
                 lines = "".join(json.dumps(r) + "\n" for r in self.history)
                 atomic_write_bytes(self.out / "metrics.jsonl", lambda f: f.write(lines.encode()))
             if self.progress:
                 print(epoch_summary(row), flush=True)
             warn = loss_warning(self.history)
-            if warn:
+            if warn and self.is_main:
                 print(warn, file=sys.stderr, flush=True)
             if self.on_epoch:
                 self.on_epoch(row)
+        if self.group is not None:
+            dp.barrier()  # every process returns once rank 0's last checkpoint is written
         return self.history

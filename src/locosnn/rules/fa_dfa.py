@@ -306,18 +306,28 @@ class OPZO(DFA):
             return None
         sign = -1.0 if self.antithetic and self.steps % 2 == 1 else 1.0
         return Noise(sign * self.alpha, "current", self.dist, self.noise_generator,
-                     layers=list(range(network.depth - 1)), clean_rows=clean_rows)
+                     layers=list(range(network.depth - 1)), clean_rows=clean_rows, shard=self.shard)
 
     def observe(self, network, out_cur, ref_cur, noises) -> None:
         """M_l <- lam M_l + (1 - lam) mean_b xi_l,b o_b^T / alpha^2, o centred (batch mean or clean copy)."""
         if self.alpha <= 0:
             return
         B = out_cur.shape[0]
-        oc = out_cur - (ref_cur if ref_cur is not None else out_cur.mean(0, keepdim=True))
+        sh = self.shard
+        if ref_cur is not None:
+            oc = out_cur - ref_cur
+        else:  # data-parallel: centred by the global batch mean
+            m = out_cur.mean(0, keepdim=True)
+            oc = out_cur - (m if sh is None else sh.mean(m))
+        zs = []
         for k in range(network.depth - 1):
             z = noises[k]
-            z = z.reshape(B, -1) if z.dim() == 2 else z.mean((2, 3))  # conv: one row of M per channel
-            self.B[k].mul_(self.lam).add_((z.T @ oc) / (B * self.alpha ** 2), alpha=1 - self.lam)
+            zs.append(z.reshape(B, -1) if z.dim() == 2 else z.mean((2, 3)))  # conv: one row of M per channel
+        ups = [z.T @ oc for z in zs]
+        if sh is not None:  # data-parallel: the global batch's sum, one collective for all layers
+            ups, B = sh.sums(ups), sh.total
+        for k, up in enumerate(ups):
+            self.B[k].mul_(self.lam).add_(up / (B * self.alpha ** 2), alpha=1 - self.lam)
 
     def after_step(self) -> None:
         self.steps += 1

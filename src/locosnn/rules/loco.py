@@ -54,21 +54,49 @@ in the subspace, orthogonal to the protected centroids. ``whiten=0`` (default) i
 
 ``projection=False`` returns plain NP (bit-identical under the same seed: the
 projector draws from its own generator).
+
+How the projector is computed and how often (ours, behind flags; the defaults are the paper's):
+
+* ``projector="batch"`` (default): the procedure above, every batch, by the reference code of
+  ``projector.py`` (float64, the ordered Gram-Schmidt loop, Householder QR, k-means looping over
+  clusters), after NP's estimate G: G <- (G Q) Q^T. On a 784-500-500-10 net on one CPU thread,
+  with the memory full, this costs about as much as the NP step itself (``benchmarks/step_time.py``):
+  k-means over the memory, the principal directions and the Gram-Schmidt loop, not the projection.
+* ``projector="fast"``: the same projector, computed fast: ``fast_loco_basis`` (the same subspace
+  and drop rule; Cholesky factorisations in float64 on r x r matrices, the d x r products in the
+  network's dtype), ``kmeans_vectorised``, and the projection fused into NP's estimate: for a fully
+  connected layer G P = E^T ((X Q) Q^T) from the eligibilities E and inputs X of all T steps, which
+  skips the n_out x d x TB product E^T X whenever that is cheaper (it is on the 500-wide layers:
+  r = 110 < d). Equal to ``"batch"`` up to float rounding (tested per step, not bit for bit).
+* ``kmeans_every=M``: k-means re-clusters the memory every M-th batch only (the memory still
+  receives every batch; the exclusion test runs every batch on the current centroids). The memory
+  changes by one batch mean (faithful) or ``per_batch`` samples (sample) per batch out of
+  ``memory`` = 1000, so the centroids move little between re-clusterings.
+* ``projector_every=N``: the whole basis is rebuilt every N-th batch (the first included) and
+  reused in between (the cluster memory still receives every batch, with the same draws a
+  rebuild would make; k-means, the exclusion test and ``drop_mean``'s mean wait for the
+  rebuild). Between rebuilds the update is projected on an earlier batch's low-rank subspace:
+  on a stationary stream its leading directions are the current batch's (tested with principal
+  angles), its weakest ones are not (one 6-epoch run each: N = 10 ended 1.1 points and N = 2 with
+  ``"fast"`` 0.8 below the paper's projector; ``docs/rules.md``).
+
+``projector_every=1, kmeans_every=1, projector="batch"`` is the paper's projector bit for bit;
+with any of them changed the step counter (and Q_l when N > 1) is rule state (checkpointed).
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import LocosnnError
 from ..network import SpikingNetwork, Trace
 from .np import NodePerturbation
-from .projector import ClusterMemory, loco_basis, project
+from .projector import ClusterMemory, fast_loco_basis, loco_basis, project
 
 VARIANTS = ("faithful", "sample")
+PROJECTORS = ("batch", "fast")
 
 
 class LOCO(NodePerturbation):
@@ -77,15 +105,26 @@ class LOCO(NodePerturbation):
     rank r (110 in the authors' code), k clusters (10), memory size (1000), tol (0.1),
     variant ("sample" | "faithful"), min_share, per_batch and window (sample variant),
     max_rows (conv patch rows used for the basis), projection (False = plain NP), whiten (0 = off;
-    > 0: whitening preconditioner inside the subspace with relative damping ``whiten``)."""
+    > 0: whitening preconditioner inside the subspace with relative damping ``whiten``),
+    projector ("batch": reference | "fast": the same projector computed fast), projector_every
+    (rebuild Q every N batches, reuse in between), kmeans_every (re-cluster every M batches)."""
 
     name = "loco"
 
     def __init__(self, rank: int = 110, k: int = 10, memory: int = 1000, tol: float = 0.1,
                  variant: str = "sample", projection: bool = True, min_share: float = 0.05,
                  per_batch: int = 16, max_rows: int = 2048, kmeans_iters: int = 5, window: int = 20,
-                 drop_mean: bool = False, whiten: float = 0.0, **kw: Any) -> None:
+                 drop_mean: bool = False, whiten: float = 0.0, projector: str = "batch",
+                 projector_every: int = 1, kmeans_every: int = 1, **kw: Any) -> None:
         super().__init__(**kw)
+        if projector not in PROJECTORS:
+            raise LocosnnError(f"unknown LOCO projector {projector!r}; choose one of {', '.join(PROJECTORS)}")
+        for name, v in (("projector_every", projector_every), ("kmeans_every", kmeans_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LocosnnError(f"{name} must be an integer >= 1, got {v!r}")
+        self.projector, self.projector_every, self.kmeans_every = projector, projector_every, kmeans_every
+        self.proj_step = 0  # batches projected so far (the schedules of projector_every and kmeans_every)
+        self.bases: list[Optional[torch.Tensor]] = []  # projector_every > 1: the last rebuild's Q per layer
         if whiten < 0:
             raise LocosnnError(f"whiten must be >= 0 (0 = off), got {whiten}")
         self.whiten = float(whiten)
@@ -106,7 +145,12 @@ class LOCO(NodePerturbation):
     def layer_inputs(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
         """Rows of presynaptic vectors (time-averaged clean input), with the bias input 1 appended."""
         layer = network.layers[li]
-        xbar = torch.stack(clean.inputs[li]).mean(0)
+        if self.projector == "fast":  # the time mean without stacking the T steps
+            xbar = sum(clean.inputs[li][1:], clean.inputs[li][0]) / len(clean.inputs[li])
+        else:
+            xbar = torch.stack(clean.inputs[li]).mean(0)
+        if self.shard is not None:  # data-parallel: the projector is built from the global batch's inputs
+            xbar = self.shard.gather_rows(xbar)
         if layer.kind == "linear":
             X = xbar.reshape(xbar.shape[0], -1)
         else:
@@ -119,17 +163,17 @@ class LOCO(NodePerturbation):
         """Centroids to protect (rows), after adding this batch to the memory."""
         if self.variant == "faithful":
             m = X.mean(0, keepdim=True)
-            mem.add(m, self.proj_generator)
+            self.store(mem, m)
             C = mem.centroids
-            nearest = torch.cdist(m / m.norm(), C).argmin()
+            nearest = mem.nearest(m / m.norm())[0]
             keep = torch.ones(C.shape[0], dtype=torch.bool, device=C.device)
             keep[nearest] = False
             return C[keep]
         take = torch.randperm(X.shape[0], generator=self.proj_generator)[: self.per_batch].to(X.device)
-        mem.add(X[take], self.proj_generator)
+        self.store(mem, X[take])
         C = mem.centroids
         Xn = X / (X.norm(dim=1, keepdim=True) + 1e-12)
-        share = torch.bincount(torch.cdist(Xn, C).argmin(1), minlength=C.shape[0]).to(X.dtype) / X.shape[0]
+        share = torch.bincount(mem.nearest(Xn), minlength=C.shape[0]).to(X.dtype) / X.shape[0]
         occupied = share >= self.min_share
         Cn = C / (C.norm(dim=1, keepdim=True) + 1e-12)
         # a centroid (near-)identical to an occupied one is the batch's own mode, not an earlier one
@@ -138,22 +182,97 @@ class LOCO(NodePerturbation):
         recent = mem.recent(self.window)
         return C[~occupied & ~near_occupied & ~recent]
 
+    def store(self, mem: ClusterMemory, vecs: torch.Tensor) -> None:
+        """Add this batch's vectors to a cluster memory; re-cluster it unless ``kmeans_every`` skips this batch."""
+        mem.push(vecs)
+        if self.kmeans_every == 1 or mem.centroids is None or self.proj_step % self.kmeans_every == 0:
+            mem.recluster(self.proj_generator)
+
+    def new_memory(self) -> ClusterMemory:
+        return ClusterMemory(self.memory_size, self.k, self.kmeans_iters, vectorised=self.projector == "fast")
+
     def projector_basis(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
+        """Layer li's Q built from this batch (the cluster memory is updated)."""
         X = self.layer_inputs(network, clean, li)
         while len(self.memories) <= li:
-            self.memories.append(ClusterMemory(self.memory_size, self.k, self.kmeans_iters))
+            self.memories.append(self.new_memory())
         excluded = self.excluded_centroids(self.memories[li], X) if self.k > 0 else None
         if self.drop_mean:
             m = X.mean(0, keepdim=True)
             excluded = m if excluded is None else torch.cat([excluded, m])
+        if self.projector == "fast":
+            return fast_loco_basis(X, self.rank, excluded, self.tol)
         return loco_basis(X, self.rank, excluded, self.tol)
+
+    def layer_basis(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
+        """This batch's Q for layer li: rebuilt (``projector_basis``) or, between rebuilds of
+        ``projector_every`` > 1, the last rebuild's, with this batch stored in the cluster memory."""
+        if self.projector_every == 1:
+            return self.projector_basis(network, clean, li)
+        while len(self.bases) <= li:
+            self.bases.append(None)
+        Q = self.bases[li]
+        if Q is None or self.proj_step % self.projector_every == 0:
+            Q = self.projector_basis(network, clean, li)
+        else:
+            self.feed_memory(network, clean, li)
+            w = network.layers[li].weight
+            if Q.dtype != w.dtype or Q.device != w.device:  # the network was moved since the rebuild
+                Q = Q.to(w)
+        self.bases[li] = Q
+        return Q
+
+    def feed_memory(self, network: SpikingNetwork, clean: Trace, li: int) -> None:
+        """Store this batch in layer li's cluster memory as a rebuild would (the same generator
+        draws), without k-means: the batch mean (faithful) or ``per_batch`` sampled rows (sample)."""
+        if self.k <= 0 or li >= len(self.memories):
+            return
+        mem = self.memories[li]
+        xs = clean.inputs[li]
+        if network.layers[li].kind != "linear" or self.shard is not None:  # conv patches; data-parallel: gathered rows
+            X = self.layer_inputs(network, clean, li)
+            if self.variant == "faithful":
+                mem.push(X.mean(0, keepdim=True))
+            else:
+                mem.push(X[torch.randperm(X.shape[0], generator=self.proj_generator)[: self.per_batch].to(X.device)])
+            return
+        B = xs[0].shape[0]
+        if self.variant == "faithful":  # the mean over the batch of the time-mean input, without stacking the trace
+            m = sum(a.reshape(B, -1).mean(0) for a in xs) / len(xs)
+            mem.push(torch.cat([m, m.new_ones(1)])[None])
+        else:
+            take = torch.randperm(B, generator=self.proj_generator)[: self.per_batch].to(xs[0].device)
+            rows = torch.stack([a[take] for a in xs]).mean(0).reshape(take.shape[0], -1)
+            mem.push(torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1))
+
+    @staticmethod
+    def projected_outer(layer, e: torch.Tensor, x: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[G_W | G_b] Q Q^T with [G_W | G_b] = layer.outer(e, x) (e, x: all steps' rows), fused for a fully
+        connected layer when cheaper: E^T (([X | 1] Q) Q^T) never forms the n_out x d product E^T X."""
+        n_rows, r = e.shape[0], Q.shape[1]
+        if layer.kind == "linear":
+            X = x.reshape(n_rows, -1)
+            n_out, d = e.shape[1], X.shape[1]
+            if n_rows * d * r + n_out * n_rows * r + n_out * r * d < n_out * n_rows * d + 2 * n_out * (d + 1) * r:
+                XQ = torch.addmm(Q[-1], X, Q[:-1])  # [X | 1] Q
+                G = (e.T @ XQ) @ Q.T
+                return G[:, :-1], G[:, -1]
+        gw, gb = layer.outer(e, x)
+        G = project(torch.cat([gw, gb[:, None]], 1), Q)
+        return G[:, :-1], G[:, -1]
+
+    @property
+    def fused(self) -> bool:
+        """projector="fast" on the recorded path: the projection runs inside the estimate."""
+        return (self.projection and self.projector == "fast" and self.whiten == 0 and not self.online
+                and self.deep_estimator is None)
 
     def layer_transform(self, network: SpikingNetwork, clean: Trace, li: int, gw: torch.Tensor,
                         gb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project layer li's update on its input side: [G_W | G_b] <- [G_W | G_b] Q Q^T."""
         if not self.projection:
             return gw, gb
-        Q = self.projector_basis(network, clean, li)
+        Q = self.layer_basis(network, clean, li)
         self.last_ranks.append(Q.shape[1])
         G = torch.cat([gw, gb[:, None]], 1)
         if self.whiten > 0:
@@ -174,18 +293,37 @@ class LOCO(NodePerturbation):
         t0 = time.perf_counter()
         self.last_ranks = []
         out = super().transform(network, clean, grads)
+        self.proj_step += 1
         self.last_projector_s = time.perf_counter() - t0
         return out
 
     @torch.no_grad()
     def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-        report = super().step(network, x_seq, y)
-        report["projector_s"] = self.last_projector_s
-        return report
+        if not self.fused:
+            report = super().step(network, x_seq, y)
+            report["projector_s"] = self.last_projector_s
+            return report
+        # projector="fast": NP's recorded step with the projection fused into the estimate; projector_s
+        # counts building the bases (the fused product replaces NP's own, so it has no separate cost)
+        clean, noisy, dl, l_clean = self.perturbed_passes(network, x_seq, y)
+        self.last_ranks, grads, spent = [], [], 0.0
+        for li, e, x in self.estimate_factors(network, noisy, dl):
+            t0 = time.perf_counter()
+            Q = self.layer_basis(network, clean, li)
+            spent += time.perf_counter() - t0
+            self.last_ranks.append(Q.shape[1])
+            grads.append(self.projected_outer(network.layers[li], e, x, Q.to(e.dtype)))
+        self.proj_step += 1
+        self.last_projector_s = spent
+        self.write_grads(network, grads)
+        return {"loss": float(l_clean.mean()), "out": clean.out, "mean_abs_dl": float(dl.abs().mean()),
+                "projector_s": spent}
 
     def state_dict(self) -> dict[str, Any]:
         s = super().state_dict()
         s.update({"proj_generator": self.proj_generator.get_state(), "memories": [m.state_dict() for m in self.memories]})
+        if (self.projector, self.projector_every, self.kmeans_every) != ("batch", 1, 1):
+            s.update({"proj_step": self.proj_step, "bases": list(self.bases)})
         return s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -193,6 +331,8 @@ class LOCO(NodePerturbation):
         self.proj_generator.set_state(state["proj_generator"])
         self.memories = []
         for ms in state["memories"]:
-            m = ClusterMemory(self.memory_size, self.k, self.kmeans_iters)
+            m = self.new_memory()
             m.load_state_dict(ms)
             self.memories.append(m)
+        self.proj_step = int(state.get("proj_step", 0))
+        self.bases = list(state.get("bases", []))

@@ -96,19 +96,22 @@ class NodePerturbation(LearningRule):
 
     def estimate(self, network: SpikingNetwork, noisy: Trace, dl: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (G_W, G_b) in the parameters' shapes (conv: (C_out, C_in*k*k))."""
+        return [network.layers[li].outer(e, x) for li, e, x in self.estimate_factors(network, noisy, dl)]
+
+    def estimate_factors(self, network: SpikingNetwork, noisy: Trace, dl: torch.Tensor):
+        """Per layer, (li, e, x) with G_l = layer.outer(e, x): the scaled eligibilities e and the presynaptic
+        inputs x of all T steps stacked along the rows (one GEMM per layer). Lazy: one layer at a time."""
         B = dl.shape[0]
         scale = (dl / (self.sigma ** 2 * B))
-        grads = []
         for li, layer in enumerate(network.layers):
             T = len(noisy.noise[li])
             sig = torch.stack([self.local_signal(network, noisy, li, t) for t in range(T)])
             e = sig * scale.view(1, B, *([1] * (sig.dim() - 2)))
             x = torch.stack(noisy.inputs[li])
-            grads.append(layer.outer(e.flatten(0, 1), x.flatten(0, 1)))  # all steps in one GEMM
-        return grads
+            yield li, e.flatten(0, 1), x.flatten(0, 1)
 
     def _noise(self, clean_rows: int = 0) -> Noise:
-        return Noise(self.sigma, self.site, self.dist, self.generator, clean_rows=clean_rows)
+        return Noise(self.sigma, self.site, self.dist, self.generator, clean_rows=clean_rows, shard=self.shard)
 
     def online_step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor):
         """Memory flat in T: pass 1 (clean | noisy, one batch) gives dL and the clean

@@ -120,6 +120,8 @@ class OWM(LearningRule):
         loss.backward()
         means = [torch.stack([x.detach() for x in tr.inputs[li]]).reshape(len(tr.inputs[li]), x_seq.shape[1], -1)
                  .mean((0, 1)) for li in range(network.depth)]
+        if self.shard is not None:  # data-parallel: the global batch's mean inputs, so P agrees everywhere
+            means = self.shard.means(means)
         with torch.no_grad():
             for li, layer in enumerate(network.layers):
                 gw = layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight)

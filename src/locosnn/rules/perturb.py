@@ -70,7 +70,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import LocosnnError
 from ..losses import output_error
@@ -141,14 +140,16 @@ class PlannedNoise:
     indexed = True
 
     def __init__(self, sigma: float, B: int, opts: DeepOptions, perturbed: list[int], n_layers: int,
-                 generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
+                 generator: torch.Generator, device: torch.device, dtype: torch.dtype, shard: Any = None) -> None:
         self.sigma, self.B, self.opts, self.generator = sigma, B, opts, generator
+        self.shard = shard  # data-parallel: draw for the global batch, keep this process's rows
         self.P = opts.draws * B
         self.perturbed = perturbed
         self.frozen: dict[int, torch.Tensor] = {}
         self.mask: dict[int, torch.Tensor] = {}
         if opts.layer_sample and len(perturbed) > 1:
-            pick = torch.randint(0, len(perturbed), (self.P,), generator=generator).to(device)
+            draw = lambda shape: torch.randint(0, len(perturbed), shape, generator=generator)  # noqa: E731
+            pick = (draw((self.P,)) if shard is None else shard.draw(draw, (self.P,))).to(device)
             self.pi = 1.0 / len(perturbed)
             for j, li in enumerate(perturbed):
                 self.mask[li] = (pick == j).to(dtype)
@@ -165,7 +166,10 @@ class PlannedNoise:
         shape = (self.P,) + tuple(like.shape[1:])
         if self.opts.temporal == "frozen" and li in self.frozen:
             return self.frozen[li]
-        z = randn_on(shape, self.generator, like.dtype, like.device) * self.sigma
+        if self.shard is None:
+            z = randn_on(shape, self.generator, like.dtype, like.device) * self.sigma
+        else:
+            z = self.shard.draw(lambda s: randn_on(s, self.generator, like.dtype, like.device), shape) * self.sigma
         z = z * self.mask[li].view(-1, *([1] * (z.dim() - 1)))
         if self.opts.temporal == "frozen":
             self.frozen[li] = z
@@ -185,8 +189,9 @@ class RunningRMS:
     def __init__(self, decay: float = 0.99) -> None:
         self.decay, self.value = decay, None
 
-    def update(self, dl: torch.Tensor) -> float:
-        ms = float((dl ** 2).mean())
+    def update(self, dl: torch.Tensor, shard: Any = None) -> float:
+        m = (dl ** 2).mean()
+        ms = float(m if shard is None else shard.mean(m))  # data-parallel: the global batch's mean
         self.value = ms if self.value is None else self.decay * self.value + (1 - self.decay) * ms
         return math.sqrt(self.value) + 1e-12
 
@@ -248,7 +253,8 @@ class DeepEstimator:
         self.heads = follow(self.heads, w0)
         self.avg = [None if g is None else tuple(follow(list(g), w0)) for g in self.avg]
         perturbed = self.perturbed_layers(network)
-        noise = PlannedNoise(rule.sigma, B, opts, perturbed, L, rule.generator, w0.device, w0.dtype)
+        shard = getattr(rule, "shard", None)
+        noise = PlannedNoise(rule.sigma, B, opts, perturbed, L, rule.generator, w0.device, w0.dtype, shard=shard)
         reps = 1 + K * (2 if opts.antithetic else 1)
         xx = torch.cat([x_seq] * reps, 1)
         tr = network.run(xx, noise=noise if perturbed else None, record=True)
@@ -276,7 +282,7 @@ class DeepEstimator:
             lj = block_loss(j)
             dl = (lj[plus] - lj[minus]) / 2 if minus is not None else lj[plus] - lj[:B].repeat(K)
             if opts.dl_norm or opts.dl_clip:
-                rms = self.rms.setdefault(j, RunningRMS()).update(dl)
+                rms = self.rms.setdefault(j, RunningRMS()).update(dl, shard)
                 if opts.dl_clip:
                     dl = dl.clamp(-opts.dl_clip * rms, opts.dl_clip * rms)
                 if opts.dl_norm:
@@ -302,7 +308,7 @@ class DeepEstimator:
                 x = torch.stack([a[:B].repeat(K, *([1] * (a.dim() - 1))) for a in tr.inputs[li]])
                 grads[li] = network.layers[li].outer(e.flatten(0, 1), x.flatten(0, 1))
         if opts.average > 0:
-            self.average(grads, perturbed, L)
+            self.average(grads, perturbed, L, shard)
         if opts.readout_rule == "delta":
             grads[L - 1] = self.readout_delta(rule, network, clean, y)
         for li in range(L):
@@ -311,12 +317,12 @@ class DeepEstimator:
                 gb = torch.zeros_like(layer.bias) if layer.bias is not None else layer.weight.new_zeros(0)
                 grads[li] = (torch.zeros_like(layer.weight).reshape(layer.weight.shape[0], -1), gb)
         if self.heads and opts.local_heads == "learned":
-            self.learn_heads(network, clean, y, blocks)
+            self.learn_heads(network, clean, y, blocks, shard)
         if opts.homeostasis > 0 and opts.train_hidden:
-            extras["rate"] = self.homeostasis(network, clean)
+            extras["rate"] = self.homeostasis(network, clean, shard)
         return clean, grads, l_clean, extras
 
-    def average(self, grads: list, perturbed: list[int], L: int) -> None:
+    def average(self, grads: list, perturbed: list[int], L: int, shard: Any = None) -> None:
         a = self.opts.average
         if not self.avg:
             self.avg = [None] * L
@@ -324,6 +330,8 @@ class DeepEstimator:
             g = grads[li]
             if g is None:
                 continue
+            if shard is not None:  # data-parallel: average the global batch's estimate, so the state agrees
+                g = tuple(shard.means(list(g)))
             prev = self.avg[li]
             self.avg[li] = g if prev is None else (a * prev[0] + (1 - a) * g[0], a * prev[1] + (1 - a) * g[1])
             grads[li] = self.avg[li]
@@ -347,18 +355,24 @@ class DeepEstimator:
         x = torch.stack(clean.inputs[L - 1])
         return network.layers[L - 1].outer(d.flatten(0, 1), x.flatten(0, 1))
 
-    def learn_heads(self, network: SpikingNetwork, clean: Trace, y: torch.Tensor, blocks: list[list[int]]) -> None:
+    def learn_heads(self, network: SpikingNetwork, clean: Trace, y: torch.Tensor, blocks: list[list[int]],
+                    shard: Any = None) -> None:
         for j, H in enumerate(self.heads):
             rbar = torch.stack(clean.outputs[blocks[j][-1]]).mean(0).reshape(y.shape[0], -1)
             e = output_error(rbar @ H.T, y, "ce")
-            H -= self.opts.head_lr * e.T @ rbar / y.shape[0]
+            if shard is None:
+                H -= self.opts.head_lr * e.T @ rbar / y.shape[0]
+            else:  # data-parallel: the global batch's update
+                H -= self.opts.head_lr * shard.sum(e.T @ rbar) / shard.total
 
-    def homeostasis(self, network: SpikingNetwork, clean: Trace) -> float:
+    def homeostasis(self, network: SpikingNetwork, clean: Trace, shard: Any = None) -> float:
         rates = []
         for li in range(network.depth - 1):
             layer = network.layers[li]
             r = torch.stack(clean.outputs[li]).mean(0)  # (B, n) or (B, C, H, W)
             r = r.transpose(0, 1).reshape(r.shape[1], -1).mean(1)
+            if shard is not None:  # data-parallel: the global batch's rates (the bias is written directly)
+                r = shard.mean(r)
             if layer.bias is not None:
                 layer.bias.add_(self.opts.homeostasis * (self.opts.target_rate - r))
             rates.append(float(r.mean()))

@@ -5,6 +5,12 @@ cluster-orthogonal idea is OWM, Zeng et al. 2019).
 Everything is kept as a thin orthonormal basis Q (d x r'), and the projection of
 an update G (n x d) is applied as (G Q) Q^T: O(n d r), never a dense d x d matrix.
 P = Q Q^T is symmetric and idempotent by construction.
+
+Two implementations of the same basis: :func:`loco_basis` (the reference: float64, the
+ordered Gram-Schmidt loop of :func:`gram_schmidt`, Householder QR) and :func:`fast_loco_basis`
+(LOCO's ``projector="fast"``: the same subspace, the same drop rule, in the inputs' dtype with
+Cholesky factorisations instead of the loop and the QR; equal up to rounding, tested). Likewise
+:func:`kmeans` and :func:`kmeans_vectorised` (one GEMM per iteration instead of a loop over clusters).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from typing import Optional
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def low_rank_basis(X: torch.Tensor, r: int) -> torch.Tensor:
@@ -139,14 +146,22 @@ class ClusterMemory:
     """A FIFO memory of up to ``size`` normalised input directions, the batch index
     at which each was stored (``stamps``), and their k-means centroids."""
 
-    def __init__(self, size: int = 1000, k: int = 10, iters: int = 10) -> None:
+    def __init__(self, size: int = 1000, k: int = 10, iters: int = 10, vectorised: bool = False) -> None:
         self.size, self.k, self.iters = size, k, iters
+        self.vectorised = vectorised  # k-means by kmeans_vectorised (LOCO's projector="fast")
         self.items: Optional[torch.Tensor] = None
         self.stamps: Optional[torch.Tensor] = None
         self.centroids: Optional[torch.Tensor] = None
         self.batches = 0
 
     def add(self, vecs: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+        """Store ``vecs`` (rows, normalised here) and re-cluster the memory."""
+        self.push(vecs)
+        self.recluster(generator)
+
+    def push(self, vecs: torch.Tensor) -> None:
+        """Store ``vecs`` (rows, normalised here) as one batch, without re-clustering (LOCO's
+        ``kmeans_every`` and ``projector_every`` feed the memory at every batch and cluster it less often)."""
         vecs = vecs / (vecs.norm(dim=1, keepdim=True) + 1e-12)
         stamps = torch.full((vecs.shape[0],), self.batches, dtype=torch.long, device=vecs.device)
         if self.items is not None and (self.items.device != vecs.device or self.items.dtype != vecs.dtype):
@@ -159,11 +174,21 @@ class ClusterMemory:
         else:
             self.items = torch.cat([self.items, vecs])[-self.size:]
             self.stamps = torch.cat([self.stamps, stamps])[-self.size:]
-        self.centroids = kmeans(self.items, self.k, self.iters, init=self.centroids, generator=generator)
+
+    def recluster(self, generator: Optional[torch.Generator] = None) -> None:
+        """k-means on the memory, warm-started from the current centroids."""
+        fit = kmeans_vectorised if self.vectorised else kmeans
+        self.centroids = fit(self.items, self.k, self.iters, init=self.centroids, generator=generator)
+
+    def nearest(self, X: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest centroid for each row of X."""
+        if self.vectorised:
+            return nearest(X, self.centroids)
+        return torch.cdist(X, self.centroids).argmin(1)
 
     def recent(self, window: int) -> torch.Tensor:
         """Per centroid: does it hold an item stored in the last ``window`` batches?"""
-        assign = torch.cdist(self.items, self.centroids).argmin(1)
+        assign = self.nearest(self.items)
         fresh = self.stamps >= self.batches - window
         hit = torch.zeros(self.centroids.shape[0], dtype=torch.bool, device=self.centroids.device)
         hit[assign[fresh]] = True
@@ -177,6 +202,110 @@ class ClusterMemory:
         self.batches = s.get("batches", 0)
         if self.stamps is None and self.items is not None:
             self.stamps = torch.zeros(self.items.shape[0], dtype=torch.long, device=self.items.device)
+
+
+def ordered_cholesky(S: torch.Tensor, tol: float, max_drops: int = 16) -> Optional[tuple[list[int], torch.Tensor]]:
+    """The in-order drop rule of :func:`gram_schmidt` on a Gram matrix S (m x m, float64), by
+    re-factorisation: Cholesky of the kept columns; the first column whose residual L_jj (its norm
+    after removing the kept columns before it) is below ``tol`` is dropped and the rest refactored
+    (the factor of the columns before it does not change, so the decisions are the loop's). Returns
+    (kept indices, L of the kept columns), or None after ``max_drops`` drops (the caller falls back
+    to the loop, which costs one step per column instead of one factorisation per drop)."""
+    keep = list(range(S.shape[0]))
+    for _ in range(max_drops + 1):
+        if not keep:
+            return [], S.new_zeros(0, 0)
+        idx = torch.tensor(keep, device=S.device)
+        L, info = torch.linalg.cholesky_ex(S[idx][:, idx])
+        bad = ~(L.diagonal() >= tol)  # NaN counts as bad
+        failed = int(info)
+        if failed > 0:  # not positive definite from minor `failed` on: those entries are not a factor
+            bad[failed - 1:] = True
+        if not bool(bad.any()):
+            return keep, L
+        keep.pop(int(bad.nonzero()[0]))
+    return None
+
+
+def fast_orthonormalise(vectors: torch.Tensor, against: Optional[torch.Tensor] = None,
+                        tol: float = 0.1) -> torch.Tensor:
+    """:func:`gram_schmidt` (same drop rule, same span up to rounding) without the loop over
+    columns: R = V - C C^T V, the drop rule by :func:`ordered_cholesky` on R^T R, Q = R L^-T,
+    then one Cholesky-QR pass (Q <- Q chol(Q^T Q)^-T) against the rounding of the first. The
+    factorisations run in float64 on m x m matrices; the d x m products in the inputs' dtype."""
+    d, m = vectors.shape
+    if m == 0:
+        return vectors.new_zeros(d, 0)
+    V = vectors / (vectors.norm(dim=0, keepdim=True) + 1e-12)
+    C = against if against is not None and against.shape[1] else None
+    R = V - C @ (C.T @ V) if C is not None else V
+    res = ordered_cholesky((R.T @ R).double(), tol)
+    if res is None:
+        return gram_schmidt(vectors, against, tol)
+    kept, L = res
+    if not kept:
+        return vectors.new_zeros(d, 0)
+    Q = torch.linalg.solve_triangular(L.to(R.dtype), R[:, kept].T, upper=False).T
+    if C is not None:
+        Q = Q - C @ (C.T @ Q)
+    L2, info = torch.linalg.cholesky_ex((Q.T @ Q).double())
+    if int(info) > 0:  # cannot happen for kept residuals >= tol; the exact path if it does
+        return gram_schmidt(vectors, against, tol)
+    return torch.linalg.solve_triangular(L2.to(Q.dtype), Q.T, upper=False).T
+
+
+def fast_low_rank_basis(X: torch.Tensor, r: int) -> torch.Tensor:
+    """:func:`low_rank_basis` with the principal directions from the smaller Gram matrix computed
+    in X's dtype (the eigenproblem itself in float64) and V = Xc^T U S^-1 in X's dtype."""
+    mean = X.mean(0)
+    cols = [(mean / (mean.norm() + 1e-12))[:, None]]
+    n, d = X.shape
+    q = min(r - 1, n, d)
+    if r > 1 and n > 1 and q > 0:
+        Xc = X - mean
+        if n <= d:
+            evals, U = torch.linalg.eigh((Xc @ Xc.T).double())
+            evals, U = evals.flip(0)[:q].clamp_min(0), U.flip(1)[:, :q]
+            S = evals.sqrt()
+            keep = S > S[0] * 1e-6
+            cols.append(Xc.T @ (U[:, keep] / S[keep]).to(X.dtype))
+        else:
+            evals, V = torch.linalg.eigh((Xc.T @ Xc).double())
+            evals, V = evals.flip(0)[:q].clamp_min(0), V.flip(1)[:, :q]
+            S = evals.sqrt()
+            cols.append(V[:, S > S[0] * 1e-6].to(X.dtype))
+    return torch.cat(cols, 1)
+
+
+def fast_loco_basis(X: torch.Tensor, r: int, excluded: Optional[torch.Tensor], tol: float = 0.1) -> torch.Tensor:
+    """:func:`loco_basis` computed fast (see the module docstring): the same subspace up to rounding."""
+    # the protected directions (at most k + 1, often nearly collinear) by the reference code: cheap at that size
+    C = orthonormal(excluded.T) if excluded is not None and excluded.shape[0] else None
+    return fast_orthonormalise(fast_low_rank_basis(X, r), C, tol)[:, :r]
+
+
+def nearest(X: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of C for each row of X: argmin_j |c_j|^2 - 2 x.c_j, one GEMM
+    (torch.cdist computes the distances themselves and is ~10x slower on a CPU at LOCO's sizes)."""
+    return torch.addmm(C.pow(2).sum(1), X, C.T, alpha=-2).argmin(1)
+
+
+def kmeans_vectorised(X: torch.Tensor, k: int, iters: int = 10, init: Optional[torch.Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """:func:`kmeans` (same initialisation, same updates; an empty cluster keeps its centroid) with
+    each iteration's means as one GEMM with the assignment matrix instead of a loop over clusters."""
+    n = X.shape[0]
+    k = min(k, n)
+    if init is not None and init.shape == (k, X.shape[1]):
+        C = init.clone()
+    else:
+        C = X[torch.randperm(n, generator=generator)[:k].to(X.device)].clone()
+    for _ in range(iters):
+        A = F.one_hot(nearest(X, C), k).to(X.dtype)  # (n, k)
+        counts = A.sum(0)
+        sums = A.T @ X
+        C = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], C)
+    return C
 
 
 def loco_basis(X: torch.Tensor, r: int, excluded: Optional[torch.Tensor], tol: float = 0.1) -> torch.Tensor:

@@ -195,7 +195,9 @@ class SFDFA(LearningRule):
         T, n = x_seq.shape[0], x_seq.shape[1]
         L = network.depth
         if tangents is None:
-            tangents = [torch.randn(n, network.layers[li].weight.shape[0], generator=self.generator)
+            draw = lambda shape: torch.randn(shape, generator=self.generator)  # noqa: E731
+            tangents = [(draw((n, network.layers[li].weight.shape[0])) if self.shard is None else
+                         self.shard.draw(draw, (n, network.layers[li].weight.shape[0])))  # the global batch's rows
                         .to(dtype=x_seq.dtype, device=x_seq.device)
                         for li in range(L - 1)]
         st: dict[str, Any] = {"tangents": tangents}
@@ -285,6 +287,15 @@ class SFDFA(LearningRule):
         """Per-sample moving average B <- B - eta (B - v d^T), applied in closed form over the batch."""
         n = d.shape[0]
         eta = self.eta_b
+        sh = self.shard
+        if sh is not None:  # data-parallel: the global batch's closed form, this process's rows summed with the others
+            w = eta * (1 - eta) ** (sh.total - 1 - sh.lo - torch.arange(n, dtype=d.dtype, device=d.device))
+            ups = [(v * w[:, None]).T @ d for v in tangents]
+            ups = sh.sums(ups)
+            keep = (1 - eta) ** sh.total
+            for li, up in enumerate(ups):
+                self.B[li].mul_(keep).add_(up)
+            return
         w = eta * (1 - eta) ** torch.arange(n - 1, -1, -1, dtype=d.dtype, device=d.device)
         keep = (1 - eta) ** n
         for li, v in enumerate(tangents):
