@@ -401,7 +401,8 @@ def section_depth(df, sources, figs: Figures) -> Section:
         return sec
     for fin in fams:
         grids = list(dict.fromkeys(str(g) for g in fin["grid"]))
-        tag = _safe(grids[0]) if len(grids) == 1 else _safe("+".join(sorted(grids)))[:80]
+        sweeps = [g for g, x in fin.groupby("grid", sort=True) if x["depth"].nunique() > 1]
+        tag = _safe("_".join(sweeps))[:80]  # named after the grid(s) that sweep the depth
         colors = _colors(fin["rule_name"].unique())
         fig, (ax,) = figs.new(1, width=7, height=4.5)
         depths = sorted(int(d) for d in fin["depth"].unique())
