@@ -349,3 +349,55 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["continual", "--help"])
     assert e.value.code == 0 and "accuracy matrix" in capsys.readouterr().out
+
+
+# -- one loop, rule hooks, one flag set ------------------------------------------------------------------
+def test_owm_adam_warning_is_the_rules_hook_in_every_entry_point(tmp_path, capsys):
+    base = ["--rule", "owm", "--dataset", "digits", "--arch", "64-10", "--T", "2", "--limit", "200", "--epochs", "1",
+            "--batch-size", "64", "--no-progress"]
+    for cmd, extra in (("train", []), ("continual", ["--n-tasks", "2"])):
+        assert main([cmd, *base, *extra, "--optimizer", "adam", "--out", str(tmp_path / cmd)]) == 0
+        warns = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning:")]
+        assert len(warns) == 1 and "'owm'" in warns[0] and "--optimizer sgd" in warns[0], (cmd, warns)
+        assert main([cmd, *base, *extra, "--optimizer", "sgd", "--out", str(tmp_path / f"{cmd}-sgd")]) == 0
+        assert "warning:" not in capsys.readouterr().err
+    assert make_rule("bptt").setup(SpikingNetwork("64-10"), None) == []  # declared on LearningRule, empty by default
+    assert make_rule("bptt").end_task(SpikingNetwork("64-10")) == {}
+
+
+def test_continual_takes_every_train_setting(tmp_path):
+    import argparse
+
+    from locosnn.cli import build_parser
+    from locosnn.config import FIELDS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd in ("train", "continual"):
+        dests = {a.dest for a in sub.choices[cmd]._actions}
+        assert set(FIELDS) - {"rule_args"} <= dests and "rule_arg" in dests, cmd
+    out = tmp_path / "cl"
+    assert main(["continual", "--dataset", "digits", "--arch", "64-16-10", "--T", "2", "--limit", "200", "--n-tasks", "2",
+                 "--epochs", "2", "--neuron", "if", "--weight-decay", "1e-4", "--lr-schedule", "cosine",
+                 "--readout-lr", "0.01", "--init", "pytorch", "--align-every", "2", "--no-progress",
+                 "--out", str(out)]) == 0
+    s = json.loads((out / "config.json").read_text())["settings"]
+    assert (s["neuron"], s["weight_decay"], s["lr_schedule"], s["readout_lr"], s["init"]) == \
+        ("if", 1e-4, "cosine", 0.01, "pytorch")
+    hist = json.loads((out / "matrix.json").read_text())["history"]
+    assert all(len(h["align_cos"]) == 2 for h in hist)  # --align-every runs in the shared loop
+
+
+def test_one_training_loop_calls_rule_step():
+    """Only locosnn.train.train_epoch calls rule.step in a loop (diagnostics, cost and depth take one step)."""
+    import pathlib
+    import re
+
+    import locosnn
+
+    root = pathlib.Path(locosnn.__file__).parent
+    callers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                     if "rules" not in p.parts and re.search(r"\brule\.step\(", p.read_text()))
+    assert callers == ["cost.py", "depth.py", "diagnostics.py", "train.py"]
+    assert len(re.findall(r"\brule\.step\(", (root / "train.py").read_text())) == 1
+    assert not re.search(r"rule\.name\s*==|hasattr\(self\.rule|getattr\(self\.rule", (root / "continual" / "runner.py")
+                         .read_text() + (root / "train.py").read_text())

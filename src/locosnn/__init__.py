@@ -34,7 +34,7 @@ costs little more than ``import torch``.
 import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .errors import LocosnnError, NonFiniteError  # noqa: E402
 from .network import Noise, SpikingNetwork, Trace  # noqa: E402

@@ -1,4 +1,6 @@
-"""The `locosnn` command line: train, eval (and, from their modules, continual, bench, report, sal-demo).
+"""The `locosnn` command line: train, eval, continual (and, from their modules, bench, report, sal-demo, ...).
+
+`train` and `continual` take one flag per field of the config schema (:func:`add_settings_flags`).
 
 Every user error prints one line `error: ...` and exits 2 (3 for a diverged run) without a
 traceback; Ctrl-C or SIGTERM prints one `interrupted: ...` line and exits 130 / 143. See
@@ -20,7 +22,6 @@ from .errors import Interrupted, LocosnnError, interrupt_exit_code
 #: modules that add a subcommand: each has ``add_parser(sub)``, which calls
 #: ``p.set_defaults(func=f)`` with ``f(args) -> int`` (one module per line)
 COMMAND_MODULES: list[str] = [
-    "locosnn.continual",
     "locosnn.sweep",
     "locosnn.report",
     "locosnn.sal",
@@ -68,76 +69,143 @@ def _d(text: str, default: Any) -> str:
     return f"{text} (default: {default})"
 
 
-def _train_parser(sub: Any) -> None:
-    from .config import DTYPES, ENCODERS, INITS, LOSSES, NEURONS, OPTIMIZERS, READOUTS, SURROGATES, TrainConfig
+WHAT, NETWORK, OPTIM, OUTPUT = "what to train", "network", "optimisation", "run directory and output"
+
+
+def _flag_specs(d: Any, overrides: Optional[dict[str, str]] = None) -> dict[str, tuple[str, list[str], dict[str, Any]]]:
+    """field of the config schema -> (help group, flag names, add_argument keywords) for every field that has
+    more to say than a generic flag; ``overrides``: field -> help text replacing the usual one."""
+    from .config import DTYPES, ENCODERS, INITS, LOSSES, NEURONS, OPTIMIZERS, READOUTS, SURROGATES
     from .data import DATASETS
     from .rules import RULES
 
-    d = TrainConfig()
+    o = overrides or {}
+
+    def h(key: str, text: str, default: Any = None) -> str:
+        if key in o:  # an override says its default itself
+            return o[key]
+        return text if default is None else _d(text, default)
+
+    return {
+        "rule": (WHAT, ["--rule"], dict(help=h("rule", f"learning rule: {', '.join(sorted(RULES))}", d.rule))),
+        "rule_args": (WHAT, ["--rule-arg"], dict(dest="rule_arg", action="append", default=[], metavar="KEY=VALUE",
+                      help=h("rule_args", "a setting of the rule, repeatable, e.g. sigma=0.5 (np, loco) or "
+                                          "feedback=transpose (fa)"))),
+        "dataset": (WHAT, ["--dataset"], dict(help=h("dataset", f"dataset: {', '.join(DATASETS)}", d.dataset))),
+        "data_dir": (WHAT, ["--data-dir"], dict(metavar="DIR", help=h(
+            "data_dir", "directory of IDX files (mnist, kmnist, or another fashion-mnist copy)"))),
+        "val_size": (WHAT, ["--val-size"], dict(metavar="N", help=h(
+            "val_size", "validation samples held out of the training set: a count, or a fraction < 1 "
+                        "(default: 5000 for the 60k-image sets, else 0.1)"))),
+        "limit": (WHAT, ["--limit"], dict(metavar="N", help=h(
+            "limit", "use only the first N train, validation and test samples (default: all)"))),
+        "arch": (NETWORK, ["--arch"], dict(help=h("arch", "architecture: input, layers and output joined by '-', e.g. "
+                                                          "784-500x10-10 or 1x28x28-c16k5s2-10", d.arch))),
+        "T": (NETWORK, ["--T", "-T"], dict(metavar="T", help=h("T", "time steps per sample", d.T))),
+        "encoder": (NETWORK, ["--encoder"], dict(choices=ENCODERS, help=h("encoder", "input encoder", d.encoder))),
+        "neuron": (NETWORK, ["--neuron"], dict(choices=NEURONS, help=h("neuron", "neuron model", d.neuron))),
+        "beta": (NETWORK, ["--beta"], dict(metavar="B", help=h("beta", "LIF membrane decay per step, in [0, 1]",
+                                                               d.beta))),
+        "theta": (NETWORK, ["--theta"], dict(metavar="V", help=h("theta", "firing threshold, > 0", d.theta))),
+        "surrogate": (NETWORK, ["--surrogate"], dict(choices=SURROGATES, help=h(
+            "surrogate", "surrogate derivative of the spike", d.surrogate))),
+        "slope": (NETWORK, ["--slope"], dict(metavar="K", help=h("slope", "slope of the surrogate derivative, > 0",
+                                                                 d.slope))),
+        "reset": (NETWORK, ["--reset"], dict(choices=("subtract", "zero"), help=h(
+            "reset", "LIF/IF reset after a spike: subtract theta (soft) or set the membrane to 0 (hard; exports "
+                     "exactly to NIR, see `locosnn export`)", d.reset))),
+        "readout": (NETWORK, ["--readout"], dict(choices=READOUTS, help=h("readout", "output readout", d.readout))),
+        "init": (NETWORK, ["--init"], dict(choices=INITS, help=h(
+            "init", "weight init: scaled = N(0, gain^2/fan_in), keeps deep LIF stacks firing; identity = scaled, but "
+                    "square hidden-to-hidden layers start at 2 I + 0.5 N(0, 1/n) (deep stacks); pytorch = the "
+                    "nn.Linear / nn.Conv2d defaults", d.init))),
+        "init_gain": (NETWORK, ["--init-gain"], dict(metavar="G", help=h("init_gain", "gain of the scaled init, > 0",
+                                                                         d.init_gain))),
+        "device": (NETWORK, ["--device"], dict(metavar="DEV", help=h(
+            "device", "where to compute: auto (cuda when available, else cpu), cpu, cuda or cuda:N; a run trained on "
+                      "one device resumes or evaluates on another", d.device))),
+        "dtype": (NETWORK, ["--dtype"], dict(choices=DTYPES, help=h(
+            "dtype", "floating-point type of the weights, state and inputs", d.dtype))),
+        "epochs": (OPTIM, ["--epochs"], dict(metavar="N", help=h("epochs", "training epochs", d.epochs))),
+        "batch_size": (OPTIM, ["--batch-size"], dict(metavar="N", help=h("batch_size", "mini-batch size",
+                                                                         d.batch_size))),
+        "lr": (OPTIM, ["--lr"], dict(metavar="LR", help=h("lr", "learning rate, > 0", d.lr))),
+        "readout_lr": (OPTIM, ["--readout-lr"], dict(metavar="LR", help=h(
+            "readout_lr", "learning rate of the output layer only (default: --lr): e.g. a fast exact readout beside "
+                          "slowly perturbation-trained hidden layers"))),
+        "lr_schedule": (OPTIM, ["--lr-schedule"], dict(choices=["constant", "cosine"], help=h(
+            "lr_schedule", "learning-rate schedule per epoch: constant, or cosine decay to 0 over --epochs",
+            d.lr_schedule))),
+        "optimizer": (OPTIM, ["--optimizer"], dict(choices=OPTIMIZERS, help=h(
+            "optimizer", "optimiser: adam, sgd (momentum 0.9) or nmom (per-layer normalised momentum with per-neuron "
+                         "weight-norm projection, for NP/LOCO on deep nets)", d.optimizer))),
+        "weight_decay": (OPTIM, ["--weight-decay"], dict(metavar="WD", help=h("weight_decay", "weight decay, >= 0",
+                                                                              d.weight_decay))),
+        "loss": (OPTIM, ["--loss"], dict(choices=LOSSES, help=h("loss", "loss on the readout", d.loss))),
+        "seed": (OPTIM, ["--seed"], dict(metavar="S", help=h("seed", "random seed (weights, data order, noise), >= 0",
+                                                             d.seed))),
+        "align_every": (OUTPUT, ["--align-every"], dict(metavar="N", help=h(
+            "align_every", "every N steps, log the per-layer cosine and norm ratio of the rule's update to the BPTT "
+                           "gradient on the same batch (align_cos, align_norm_ratio in metrics.jsonl) "
+                           "(default: 0 = off)"))),
+    }
+
+
+def add_settings_flags(p: argparse.ArgumentParser, config_help: str, defaults: Any = None,
+                       overrides: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """One flag per field of the config schema (:data:`locosnn.config.FIELDS`): ``--config FILE`` and
+    ``--field-name`` for each field (``--rule-arg KEY=VALUE`` for ``rule_args``), in help groups; a
+    field without a spec in :func:`_flag_specs` still gets a plain flag. Every flag defaults to None
+    (unset: the config file's value, then the default). Shared by ``train`` and ``continual``, so
+    both take every setting. Returns the help groups by name (callers add their own flags to them)."""
+    from .config import FIELDS, TrainConfig
+
+    specs = _flag_specs(defaults if defaults is not None else TrainConfig(), overrides)
+    groups: dict[str, Any] = {}
+
+    def group(name: str) -> Any:
+        if name not in groups:
+            groups[name] = p.add_argument_group(name)
+        return groups[name]
+
+    group(WHAT).add_argument("--config", metavar="FILE", help=config_help)
+    for name in list(specs) + [f for f in FIELDS if f not in specs]:
+        if name not in FIELDS:
+            raise AssertionError(f"flag spec for {name!r}, which is no field of the config schema")
+        where, flags, kw = specs.get(name, ("other settings", ["--" + name.replace("_", "-")],
+                                            dict(help=f"the {name} setting (see locosnn.config.TrainConfig)")))
+        kw = {"dest": name, **kw}
+        group(where).add_argument(*flags, **kw)
+    return groups
+
+
+def settings_from_flags(args: argparse.Namespace, settings: dict[str, Any],
+                        extra_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """``settings`` (from --config or a checkpoint) overridden by every schema flag given (and ``extra_keys``),
+    with --rule-arg items merged into ``rule_args``."""
+    from .config import TrainConfig
+
+    for k in [f for f in TrainConfig.__dataclass_fields__ if f != "rule_args"] + list(extra_keys):
+        v = getattr(args, k, None)
+        if v is not None:
+            settings[k] = v
+    rule_args = settings.get("rule_args") or {}
+    if not isinstance(rule_args, dict):
+        raise LocosnnError(f"rule_args must be a table of rule settings (KEY = VALUE), got {rule_args!r}")
+    settings["rule_args"] = parse_rule_args(args.rule_arg, rule_args)
+    return settings
+
+
+def _train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train a spiking network with a learning rule",
                        description="Train a feed-forward spiking network on a registered dataset with one learning "
                                    "rule. Writes config.json (every setting, git SHA, versions, machine, data "
                                    "checksum), metrics.jsonl (one line per epoch) and checkpoint.pt (the last "
                                    "finished epoch) into --out.",
                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("what to train")
-    g.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (keys as the flags, e.g. "
-                                                    "batch_size = 64); flags given here override it")
-    g.add_argument("--rule", help=_d(f"learning rule: {', '.join(sorted(RULES))}", d.rule))
-    g.add_argument("--rule-arg", dest="rule_arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a setting of the rule, repeatable, e.g. sigma=0.5 (np, loco) or feedback=transpose (fa)")
-    g.add_argument("--dataset", help=_d(f"dataset: {', '.join(DATASETS)}", d.dataset))
-    g.add_argument("--data-dir", dest="data_dir", metavar="DIR",
-                   help="directory of IDX files (mnist, kmnist, or another fashion-mnist copy)")
-    g.add_argument("--val-size", dest="val_size", metavar="N",
-                   help="validation samples held out of the training set: a count, or a fraction < 1 "
-                        "(default: 5000 for the 60k-image sets, else 0.1)")
-    g.add_argument("--limit", metavar="N", help="use only the first N train, validation and test samples "
-                                                "(default: all)")
-
-    g = p.add_argument_group("network")
-    g.add_argument("--arch", help=_d("architecture: input, layers and output joined by '-', e.g. 784-500x10-10 "
-                                     "or 1x28x28-c16k5s2-10", d.arch))
-    g.add_argument("--T", "-T", dest="T", metavar="T", help=_d("time steps per sample", d.T))
-    g.add_argument("--encoder", choices=ENCODERS, help=_d("input encoder", d.encoder))
-    g.add_argument("--neuron", choices=NEURONS, help=_d("neuron model", d.neuron))
-    g.add_argument("--beta", metavar="B", help=_d("LIF membrane decay per step, in [0, 1]", d.beta))
-    g.add_argument("--theta", metavar="V", help=_d("firing threshold, > 0", d.theta))
-    g.add_argument("--surrogate", choices=SURROGATES, help=_d("surrogate derivative of the spike", d.surrogate))
-    g.add_argument("--slope", metavar="K", help=_d("slope of the surrogate derivative, > 0", d.slope))
-    g.add_argument("--reset", choices=("subtract", "zero"),
-                   help=_d("LIF/IF reset after a spike: subtract theta (soft) or set the membrane to 0 (hard; "
-                           "exports exactly to NIR, see `locosnn export`)", d.reset))
-    g.add_argument("--readout", choices=READOUTS, help=_d("output readout", d.readout))
-    g.add_argument("--init", choices=INITS,
-                   help=_d("weight init: scaled = N(0, gain^2/fan_in), keeps deep LIF stacks firing; identity = "
-                           "scaled, but square hidden-to-hidden layers start at 2 I + 0.5 N(0, 1/n) (deep stacks); "
-                           "pytorch = the nn.Linear / nn.Conv2d defaults", d.init))
-    g.add_argument("--init-gain", dest="init_gain", metavar="G", help=_d("gain of the scaled init, > 0", d.init_gain))
-    g.add_argument("--device", metavar="DEV",
-                   help=_d("where to compute: auto (cuda when available, else cpu), cpu, cuda or cuda:N; a run "
-                           "trained on one device resumes or evaluates on another", d.device))
-    g.add_argument("--dtype", choices=DTYPES, help=_d("floating-point type of the weights, state and inputs",
-                                                      d.dtype))
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", metavar="N", help=_d("training epochs", d.epochs))
-    g.add_argument("--batch-size", dest="batch_size", metavar="N", help=_d("mini-batch size", d.batch_size))
-    g.add_argument("--lr", metavar="LR", help=_d("learning rate, > 0", d.lr))
-    g.add_argument("--readout-lr", dest="readout_lr", metavar="LR",
-                   help="learning rate of the output layer only (default: --lr): e.g. a fast exact readout "
-                        "beside slowly perturbation-trained hidden layers")
-    g.add_argument("--lr-schedule", dest="lr_schedule", choices=["constant", "cosine"],
-                   help=_d("learning-rate schedule per epoch: constant, or cosine decay to 0 over --epochs",
-                           d.lr_schedule))
-    g.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help=_d("optimiser: adam, sgd (momentum 0.9) or nmom (per-layer normalised momentum with "
-                           "per-neuron weight-norm projection, for NP/LOCO on deep nets)", d.optimizer))
-    g.add_argument("--weight-decay", dest="weight_decay", metavar="WD", help=_d("weight decay, >= 0", d.weight_decay))
-    g.add_argument("--loss", choices=LOSSES, help=_d("loss on the readout", d.loss))
-    g.add_argument("--seed", metavar="S", help=_d("random seed (weights, data order, noise), >= 0", d.seed))
-
-    g = p.add_argument_group("run directory and output")
+    groups = add_settings_flags(p, "TOML or YAML file of settings (keys as the flags, e.g. batch_size = 64); flags "
+                                   "given here override it")
+    g = groups[OUTPUT]
     g.add_argument("--out", metavar="DIR", help="run directory (default: runs/<rule>-<dataset>); a new or empty "
                                                 "directory, or a train run to --resume")
     g.add_argument("--resume", action="store_true",
@@ -145,9 +213,6 @@ def _train_parser(sub: Any) -> None:
                         "them; only --epochs may differ)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar: one summary line per epoch only")
-    g.add_argument("--align-every", dest="align_every", metavar="N",
-                   help="every N steps, log the per-layer cosine and norm ratio of the rule's update to the BPTT "
-                        "gradient on the same batch (align_cos, align_norm_ratio in metrics.jsonl) (default: 0 = off)")
 
     g = p.add_argument_group("data-parallel (docs/distributed.md)")
     g.add_argument("--nproc", type=int, metavar="N",
@@ -232,14 +297,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.config:  # --resume continues the run as it was configured; flags given now still override
             st = load_checkpoint(out_arg / "checkpoint.pt", expect=("epoch", "config", "model"))
             settings = dict(st["config"])
-    for k in [f for f in TrainConfig.__dataclass_fields__ if f != "rule_args"]:
-        v = getattr(args, k, None)
-        if v is not None:
-            settings[k] = v
-    rule_args = settings.get("rule_args") or {}
-    if not isinstance(rule_args, dict):
-        raise LocosnnError(f"rule_args must be a table of rule settings (KEY = VALUE), got {rule_args!r}")
-    settings["rule_args"] = parse_rule_args(args.rule_arg, rule_args)
+    settings = settings_from_flags(args, settings)
     cfg = TrainConfig.from_dict(settings).validate()
     out = out_arg or Path(f"runs/{cfg.rule}-{cfg.dataset}")
     if out.exists() and not out.is_dir():
@@ -300,6 +358,127 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- locosnn continual -------------------------------------------------------------------------------------
+CONTINUAL_EPILOG = """examples:
+  locosnn continual --rule bptt --dataset fashion-mnist --arch 784-256-256-10 --stream class --n-tasks 5 --out runs/cl-bptt
+  locosnn continual --rule owm --optimizer sgd --lr 0.05 --stream permuted --n-tasks 5 --out runs/cl-owm
+  locosnn continual --rule loco --stream label_sorted --n-tasks 1 --rule-arg variant=faithful --out runs/cl-loco
+  locosnn continual --rule bptt --replay 500 --out runs/cl-replay
+  locosnn continual --out runs/cl-bptt --resume          # continue after the last finished task
+
+Every `locosnn train` setting is a flag here too (same names, same defaults, except --epochs:
+epochs PER TASK, default 1); --lr-schedule runs over each task's epochs.
+
+writes into --out: config.json, matrix.json (R per mode + ACC/BWT/forgetting), results.csv
+(one row per after_task, eval_task, mode), checkpoint.pt.
+"""
+
+#: the continual-only flags' settings (the train settings come from the config schema)
+CONTINUAL_FLAG_KEYS = ("stream", "n_tasks", "classes_per_task", "class_order", "replay", "replay_batch", "eval")
+
+
+def _continual_parser(sub: Any) -> None:
+    from .config import TrainConfig
+    from .continual import DEFAULT_EPOCHS_PER_TASK
+
+    d = TrainConfig()
+    p = sub.add_parser("continual", help="train on a stream of tasks and measure forgetting",
+                       description="Continual learning: train one network with one rule on a stream of tasks "
+                                   "(class-incremental, permuted or label-sorted), evaluate on every task's test "
+                                   "split after each task (task-aware and task-agnostic), and report the accuracy "
+                                   "matrix R[after task i][task j] with average accuracy (ACC), backward transfer "
+                                   "(BWT) and forgetting (Chaudhry et al. 2018). Resumable after each task.",
+                       epilog=CONTINUAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = add_settings_flags(
+        p, "TOML or YAML file of settings (train and continual keys); flags override it",
+        overrides={"epochs": _d("training epochs PER TASK", DEFAULT_EPOCHS_PER_TASK),
+                   "seed": _d("random seed; also fixes the permutations and a seeded class order", d.seed),
+                   "optimizer": _d("optimiser, one for the whole stream: adam, sgd (momentum 0.9) or nmom; use sgd "
+                                   "with owm (adam undoes its projection)", d.optimizer),
+                   "lr_schedule": _d("learning-rate schedule per epoch of each task: constant, or cosine decay to 0 "
+                                     "over --epochs (restarting at every task)", d.lr_schedule),
+                   "align_every": "every N steps, log the per-layer cosine and norm ratio of the rule's update to "
+                                  "the BPTT gradient on the same batch (align_cos, align_norm_ratio per task in "
+                                  "matrix.json's history) (default: 0 = off)"})
+    g = p.add_argument_group("continual: task stream, replay, evaluation")
+    g.add_argument("--stream", metavar="NAME", help="task stream: class (class-incremental; alias split), permuted "
+                                    "(domain-incremental, task 1 unpermuted) or label_sorted (the training set "
+                                    "sorted by label, cut into chunks, passed in order) (default: class)")
+    g.add_argument("--n-tasks", dest="n_tasks", type=int, metavar="N", help="number of tasks (default: 5)")
+    g.add_argument("--classes-per-task", dest="classes_per_task", type=int, metavar="N",
+                   help="class stream: classes per task (default: n_classes / n_tasks)")
+    g.add_argument("--class-order", dest="class_order", metavar="C,C,...",
+                   help="class stream: comma-separated class order (e.g. 3,1,0,...) or 'seeded' (default: 0..C-1)")
+    g.add_argument("--replay", type=int, metavar="N", help="replay buffer size in samples, class-balanced over the finished "
+                                              "tasks, mixed into every batch of later tasks (default: 0 = off)")
+    g.add_argument("--replay-batch", dest="replay_batch", type=int, metavar="N",
+                   help="replayed samples per batch (default: --batch-size)")
+    g.add_argument("--eval", metavar="MODE", help="evaluation: agnostic (argmax over all outputs), aware (logits masked to the "
+                                  "task's classes) or both (default: both)")
+    g = groups[OUTPUT]
+    g.add_argument("--out", metavar="DIR", default=None, help="run directory (default: runs/continual-<rule>-<dataset>-<stream>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.set_defaults(func=cmd_continual)
+
+
+def continual_settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings from --config (or the saved config of a run being resumed), overridden by flags."""
+    from .checkpoint import load_checkpoint
+    from .config import load_config_file
+
+    settings: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    if args.resume and args.out:
+        check_out_dir(Path(args.out), "continual", resume=True)
+        if not args.config:  # the run's own settings (from its checkpoint); flags given now still override
+            settings = dict(load_checkpoint(Path(args.out) / "checkpoint.pt", expect=("settings",))["settings"])
+    v = getattr(args, "class_order", None)
+    if v is not None and v not in ("seeded", "random"):
+        try:
+            args.class_order = [int(c) for c in str(v).split(",") if c.strip()]
+        except ValueError:
+            raise LocosnnError(f"--class-order {v!r} must be comma-separated class numbers or 'seeded'") from None
+    return settings_from_flags(args, settings, CONTINUAL_FLAG_KEYS)
+
+
+def format_matrix(R: Sequence[Sequence[float]]) -> str:
+    n = len(R[0]) if R else 0
+    lines = ["after \\ on " + " ".join(f"{'T' + str(j + 1):>6}" for j in range(n))]
+    for i, row in enumerate(R):
+        lines.append(f"{'T' + str(i + 1):>11} " + " ".join(f"{100 * a:6.1f}" for a in row))
+    return "\n".join(lines)
+
+
+def cmd_continual(args: argparse.Namespace) -> int:
+    import math
+
+    from .checkpoint import DirLock
+    from .continual import run_continual, split_settings
+
+    settings = continual_settings_from_args(args)
+    cfg, ccfg = split_settings(settings)
+    out = Path(args.out or f"runs/continual-{cfg.rule}-{cfg.dataset}-{ccfg.stream}")
+    if out.exists() and not out.is_dir():
+        raise LocosnnError(f"--out {out} is an existing file, not a directory; choose another --out")
+    try:
+        with DirLock(out, "continual"):
+            check_out_dir(out, "continual", args.resume)
+            res = run_continual(settings, out=out, resume=args.resume, progress=args.progress)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: the finished tasks are in {out}/checkpoint.pt; continue with --resume", file=sys.stderr)
+        return interrupt_exit_code(e)
+    for m, R in res["R"].items():
+        met = res["metrics"].get(m)
+        print(f"\n{m}: accuracy (%) after training task i (rows) on task j (columns)")
+        print(format_matrix(R))
+        if met:
+            f = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"  # noqa: E731
+            print(f"ACC {f(met['ACC'])}  BWT {f(met['BWT'])}  forgetting {f(met['forgetting'])}  "
+                  f"last task {f(met['last_task_acc'])}  LA {f(met['LA'])}")
+    print(f"\ndone: {out}")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """Usage errors (a bad choice, a missing value, an unknown flag) are one `error:` line, exit 2, like every
     other bad input; the subcommands' parsers are of this class too."""
@@ -322,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="read the dataset from here instead")
     e.add_argument("--device", metavar="DEV", default="auto",
                    help=_d("where to evaluate: auto (cuda when available, else cpu), cpu, cuda or cuda:N", "auto"))
+    _continual_parser(sub)
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).add_parser(sub)
     return p

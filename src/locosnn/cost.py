@@ -9,13 +9,19 @@ update:
   formed after the backward computation of every layer whose weight-op lies on
   a path between the loss and it. Stages = the largest such set of layers
   (BPTT on an L-layer feed-forward net: L).
-* node-perturbation rules: each layer's update is recomputed with the forward
-  records of *every other layer* replaced by NaN. If the update of every layer
-  stays finite and unchanged, no layer waits for another: 1 stage (every layer
-  updates in parallel from the broadcast loss differences).
-* feedback rules (FA, DFA, OPZO): one feedback matrix at a time is set to NaN; a
-  layer whose update turns NaN depends on that other layer's backward hop.
+* perturbation rules (:class:`~locosnn.rules.base.PerturbationRule`: NP, LOCO): each
+  layer's update is recomputed with the forward records of *every other layer*
+  replaced by NaN (``rule.poison_records``). If the update of every layer stays
+  finite and unchanged, no layer waits for another: 1 stage (every layer updates in
+  parallel from the broadcast loss differences).
+* feedback rules (:class:`~locosnn.rules.base.FeedbackRule`: FA, DFA, OPZO, SAL, SFDFA):
+  one feedback hop at a time is poisoned with NaN (``rule.poison_feedback``); a layer
+  whose update turns NaN depends on that other layer's backward hop.
   FA: L (like BPTT, spatially); DFA and OPZO: 1.
+* any other rule answers itself (``rule.stage_counts``).
+
+The dispatch is on the rule's declared family, so a new rule of a family is measured
+without changes here.
 """
 from __future__ import annotations
 
@@ -27,7 +33,9 @@ import torch
 
 from .losses import per_sample_loss
 from .network import SpikingNetwork, Trace
-from .rules.base import LearningRule
+from .diagnostics import rule_update
+from .rules.base import FeedbackRule, LearningRule, PerturbationRule
+from .seeds import train_encoder_seed
 
 
 def _weight_layer(fn: Any, weights: dict[int, int]) -> int | None:
@@ -86,13 +94,11 @@ def autograd_stages(network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tenso
 
 
 def _poisoned(tr: Trace, keep: int) -> Trace:
-    nan = lambda lists: [per if li == keep else [torch.full_like(a, math.nan) for a in per]  # noqa: E731
-                         for li, per in enumerate(lists)]
-    return Trace(out=tr.out, inputs=nan(tr.inputs), currents=nan(tr.currents), membranes=nan(tr.membranes),
-                 outputs=nan(tr.outputs), noise=nan(tr.noise))
+    """``tr`` with every layer's records but ``keep``'s set to NaN (the default of ``PerturbationRule``)."""
+    return PerturbationRule.poison_records(tr, keep)
 
 
-def perturbation_stages(rule: Any, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> list[int]:
+def perturbation_stages(rule: PerturbationRule, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> list[int]:
     """Per layer: 1 if its update reads only its own forward records and the broadcast dL,
     else L (an upper bound: the update needs records of other layers)."""
     state = copy.deepcopy(rule.state_dict())
@@ -104,8 +110,8 @@ def perturbation_stages(rule: Any, network: SpikingNetwork, x_seq: torch.Tensor,
             rule.load_state_dict(copy.deepcopy(state))
             full = rule.layer_transform(network, clean, li, *est[li])
             rule.load_state_dict(copy.deepcopy(state))
-            g = rule.estimate(network, _poisoned(noisy, li), dl)[li]
-            g = rule.layer_transform(network, _poisoned(clean, li), li, *g)
+            g = rule.estimate(network, rule.poison_records(noisy, li), dl)[li]
+            g = rule.layer_transform(network, rule.poison_records(clean, li), li, *g)
         rule.load_state_dict(copy.deepcopy(state))
         ok = all(torch.isfinite(t).all() for t in g) and all(torch.allclose(a, b) for a, b in zip(g, full))
         if ok:
@@ -115,29 +121,15 @@ def perturbation_stages(rule: Any, network: SpikingNetwork, x_seq: torch.Tensor,
     return result
 
 
-def feedback_stages(rule: Any, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> list[int]:
-    """Per layer: 1 + the number of *other* layers' feedback matrices (B_k, M_k; W_k for FA with
+def feedback_stages(rule: FeedbackRule, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> list[int]:
+    """Per layer: 1 + the number of *other* layers' feedback hops (B_k, M_k; W_k for FA with
     feedback="transpose") on which its update depends: each is a sequential backward hop.
-    Measured by setting one feedback matrix at a time to NaN."""
-    from .diagnostics import rule_update
-    if not rule.B:
-        rule.init_feedback(network)
-    saved = [b.clone() for b in rule.B]
-    transpose = getattr(rule, "feedback", "") == "transpose"
+    Measured by poisoning one hop at a time (``rule.poison_feedback``) with NaN."""
+    hops = len(rule.feedback_tensors(network))
     result = [1] * network.depth
-    for k in range(len(saved)):
-        if transpose:
-            w = network.layers[k].weight
-            keep = w.data.clone()
-            w.data.fill_(math.nan)
-        else:
-            rule.B[k] = torch.full_like(saved[k], math.nan)
-        try:
+    for k in range(hops):
+        with rule.poison_feedback(network, k):
             upd = rule_update(rule, network, x_seq, y)
-        finally:
-            rule.B = [b.clone() for b in saved]
-            if transpose:
-                network.layers[k].weight.data.copy_(keep)
         for li, u in enumerate(upd):
             # with W poisoned the forward pass itself is NaN everywhere: only count the hop, not layer k
             if li != k and not torch.isfinite(u).all():
@@ -147,13 +139,17 @@ def feedback_stages(rule: Any, network: SpikingNetwork, x_seq: torch.Tensor, y: 
 
 def update_stages(rule: LearningRule, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> int:
     """Sequential update stages after the forward pass(es), measured (see module docstring)."""
+    own = rule.stage_counts(network, x_seq, y)
+    if own is not None:
+        return max(own)
     if rule.uses_backprop:
         return max(autograd_stages(network, x_seq, y, rule.loss))
-    if hasattr(rule, "perturbed_passes") and hasattr(rule, "estimate"):
+    if isinstance(rule, PerturbationRule):
         return max(perturbation_stages(rule, network, x_seq, y))
-    if hasattr(rule, "init_feedback"):
+    if isinstance(rule, FeedbackRule):
         return max(feedback_stages(rule, network, x_seq, y))
-    raise NotImplementedError(f"no stage measurement for rule {rule.name!r} yet")
+    raise NotImplementedError(f"no stage measurement for rule {rule.name!r}: declare its family (FeedbackRule, "
+                              "PerturbationRule, uses_backprop) or implement stage_counts")
 
 
 def state_bytes(obj: Any) -> int:
@@ -442,7 +438,7 @@ def _measure_steps(config: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rep
     from .config import TrainConfig
     from .encoding import encode
     from .rules import make_rule
-    from .train import build_network, build_optimizer
+    from .factory import build_network, build_optimizer
 
     cfg = TrainConfig.from_dict(config)
     cfg.device = "cpu"  # the cost model measures CPU time and resident memory
@@ -450,7 +446,7 @@ def _measure_steps(config: dict[str, Any], x: torch.Tensor, y: torch.Tensor, rep
     rule = make_rule(cfg.rule, loss=cfg.loss, seed=cfg.seed, **cfg.rule_args)
     opt = build_optimizer(cfg, net)
     x = x.to(next(net.parameters()).dtype)  # the run's dtype (float64 runs)
-    xs = encode(x, cfg.T, cfg.encoder, torch.Generator().manual_seed(cfg.seed + 1))
+    xs = encode(x, cfg.T, cfg.encoder, torch.Generator().manual_seed(train_encoder_seed(cfg.seed)))
 
     def rss_kb() -> int:
         with open("/proc/self/statm") as f:

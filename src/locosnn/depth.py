@@ -124,7 +124,7 @@ def probe_checkpoint(run_dir: str, n_train: int = 5000, n_test: int = 2000, at_i
     """Probes and rates of a run directory's checkpoint (and of the same network re-initialised
     with the run's seed, with ``at_init``), scored on the validation split."""
     from .data import load_dataset
-    from .train import build_network, load_run
+    from .factory import build_network, load_run
 
     # probed on the CPU in float32, however the run was trained
     net, cfg, st = load_run(run_dir, device="cpu", dtype="float32", expect=("epoch", "config", "model"))

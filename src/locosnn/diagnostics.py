@@ -17,14 +17,16 @@ for every rule, so a cosine near +1 means "the rule agrees with BPTT".
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Optional
 
 import torch
 
 from .network import SpikingNetwork
+from .rules.alignment import angle_deg
 from .rules.base import LearningRule
 from .rules.bptt import bptt_gradients
+
+__all__ = ["alignment", "angle_deg", "estimate_variance", "reference_gradient", "rule_update"]
 
 
 def _layer_vectors(network: SpikingNetwork, grads: Optional[list[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
@@ -99,14 +101,3 @@ def estimate_variance(rule: LearningRule, network: SpikingNetwork, x_seq: torch.
     return rows
 
 
-def angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Angle in degrees between two tensors of the same number of elements, seen as flat
-    vectors (0: same direction, 90: orthogonal, 180: opposite). Used for angle(B, W^T)."""
-    if a.numel() != b.numel():
-        raise ValueError(f"angle_deg needs equal sizes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
-    den = a.norm() * b.norm()
-    if float(den) == 0.0:
-        return float("nan")
-    c = float((a @ b) / den)
-    return math.degrees(math.acos(max(-1.0, min(1.0, c))))

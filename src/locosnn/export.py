@@ -360,7 +360,7 @@ def from_nir(graph: Any, dt: Optional[float] = None) -> SpikingNetwork:
 def load_run_network(run_dir: str | Path) -> tuple[SpikingNetwork, Any]:
     """The network of a run directory's checkpoint, and the run's TrainConfig (exported and compared
     on the CPU in float32, whatever device and dtype the run was trained in)."""
-    from .train import load_run
+    from .factory import load_run
 
     net, cfg, _ = load_run(run_dir, device="cpu", dtype="float32")
     return net, cfg

@@ -26,7 +26,7 @@ def versions() -> dict[str, str]:
     import numpy
     import torch
 
-    from . import __version__
+    from ._version import __version__
     return {"locosnn": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
             "numpy": numpy.__version__}
 

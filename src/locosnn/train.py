@@ -1,7 +1,10 @@
 """The rule-agnostic training loop: epochs, evaluation, logging, checkpoints, resume.
 
 Data flows one way: data -> encoding -> rule.step (which runs the network and
-writes .grad) -> optimiser -> metrics. The trainer never asks which rule it runs.
+writes .grad) -> optimiser -> metrics. :func:`train_epoch` is the one loop that calls
+``rule.step``: the :class:`Trainer`, ``locosnn continual`` (per task) and the sweep's cells all
+run it. Nothing here asks which rule it runs: rules speak through the hooks declared on
+:class:`~locosnn.rules.base.LearningRule` (``setup``, ``end_epoch``, ``end_task``).
 
 Data-parallel (``locosnn.distributed``): every process runs this loop on its rows of each global
 batch; the rules' .grad is averaged after ``rule.step``; rank 0 alone prints and writes.
@@ -18,84 +21,23 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from . import seeds
 from . import distributed as dp
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
-from .config import TrainConfig, resolve_device, resolve_dtype
+from .config import TrainConfig, resolve_device
 from .data import Dataset, Split, batches, load_dataset
 from .diagnostics import alignment
 from .encoding import encode
 from .errors import LocosnnError, NonFiniteError
 from .losses import per_sample_loss
 from .network import SpikingNetwork
-from .neurons import NeuronConfig
+from .factory import build_network, build_optimizer, load_run, to_net  # noqa: F401  (re-exported)
 from .provenance import git_sha, machine, peak_rss_mb, versions
 from .rules import LearningRule, make_rule
-
-
-def build_network(cfg: TrainConfig, seed: int | None = None) -> SpikingNetwork:
-    """The network of ``cfg``, initialised on the CPU (the same weights on every device), then moved to
-    ``cfg.device`` and ``cfg.dtype``. An unavailable device is a :class:`LocosnnError`."""
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    torch.manual_seed(cfg.seed if seed is None else seed)
-    neuron = NeuronConfig(model=cfg.neuron, beta=cfg.beta, theta=cfg.theta, surrogate=cfg.surrogate, slope=cfg.slope,
-                          reset=cfg.reset)
-    net = SpikingNetwork(cfg.arch, neuron=neuron, readout=cfg.readout, init=cfg.init, init_gain=cfg.init_gain)
-    return net.to(device=device, dtype=dtype)
-
-
-def load_run(run_dir: str | Path, device: Optional[str] = "cpu", dtype: Optional[str] = "float32",
-             expect: tuple[str, ...] = ("config", "model")) -> tuple[SpikingNetwork, TrainConfig, dict[str, Any]]:
-    """The network of a run directory's checkpoint, the run's TrainConfig and the checkpoint itself.
-
-    ``device`` / ``dtype`` replace the run's own (None keeps them): a run trained on a GPU is
-    evaluated, probed or exported wherever this runs. Clear errors for a missing checkpoint or one
-    that does not fit its own config."""
-    run = Path(run_dir)
-    ck = run / "checkpoint.pt"
-    if not ck.is_file():
-        raise LocosnnError(f"{run} holds no checkpoint.pt (is it a run directory written by `locosnn train`?)")
-    st = load_checkpoint(ck, expect=expect)
-    cfg = TrainConfig.from_dict(st["config"])
-    if device is not None:
-        cfg.device = device
-    if dtype is not None:
-        cfg.dtype = dtype
-    cfg.validate()
-    net = build_network(cfg)
-    try:
-        net.load_state_dict(st["model"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise LocosnnError(f"checkpoint {ck} does not fit its own config (arch {cfg.arch}): "
-                           f"{str(e).splitlines()[0]}") from None
-    return net, cfg, st
-
-
-def to_net(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch moved to the network's device, x also to its dtype (y stays integer)."""
-    p = next(net.parameters(), None)
-    if p is None:
-        return x, y
-    return x.to(device=p.device, dtype=p.dtype), y.to(device=p.device)
-
-
-def build_optimizer(cfg: TrainConfig, net: SpikingNetwork) -> torch.optim.Optimizer:
-    """adam, sgd (momentum 0.9) or nmom (per-tensor normalised momentum + per-neuron weight-norm
-    projection, ``locosnn.optim``); the output layer gets ``cfg.readout_lr`` when set."""
-    params: list = list(net.parameters())
-    if cfg.readout_lr is not None:  # two groups only then, so runs without it keep one group (and resume)
-        out_params = list(net.layers[-1].parameters())
-        ids = {id(p) for p in out_params}
-        params = [{"params": [p for p in params if id(p) not in ids]}, {"params": out_params, "lr": cfg.readout_lr}]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "nmom":
-        from .optim import NormalizedMomentum
-        return NormalizedMomentum(params, lr=cfg.lr, momentum=0.9, row_norm=True, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()
@@ -106,7 +48,7 @@ def evaluate(net: SpikingNetwork, split: Split, cfg: TrainConfig, batch_size: in
     ``group``: data-parallel; each process evaluates its rows of every batch (encoded whole, so the
     encoder noise is that of one process) and the sums are all-reduced: every process returns the
     numbers of the whole split."""
-    g = torch.Generator().manual_seed(10_000 + cfg.seed)
+    g = torch.Generator().manual_seed(seeds.eval_encoder_seed(cfg.seed))
     correct, total, loss_sum = 0, 0, 0.0
     for x, y in batches(split, batch_size, shuffle=False):
         x, y = to_net(net, x, y)
@@ -183,6 +125,124 @@ def epoch_summary(row: dict[str, Any]) -> str:
             f"val {row['val_acc']:.4f} test {row['test_acc']:.4f} ({row['epoch_time_s']:.1f}s)")
 
 
+class EpochStats:
+    """Running sums of the training loop over one epoch (the trainer) or over every epoch of a task
+    (``locosnn continual``); :meth:`summary` turns them into the logged numbers."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.seen, self.steps, self.step_time = 0.0, 0, 0, 0, 0.0
+        self.extras: dict[str, list[float]] = {}
+        self.aligns: list[list[dict]] = []
+
+    def summary(self, group: Optional[dp.Group] = None) -> dict[str, Any]:
+        res: dict[str, Any] = {"train_loss": self.loss_sum / max(self.seen, 1),
+                               "train_acc": self.correct / max(self.seen, 1),
+                               "step_time_s": self.step_time / max(self.steps, 1)}
+        rule_means = {f"rule_{k}": sum(v) / len(v) for k, v in self.extras.items()}
+        if group is not None:  # the rule's numbers of this process's rows: their mean over the processes
+            rule_means = dp.mean_over_ranks(rule_means, group)
+        res.update(rule_means)
+        if self.aligns:
+            a, L = self.aligns, len(self.aligns[0])
+            res["align_cos"] = [sum(x[li]["cos"] for x in a) / len(a) for li in range(L)]
+            res["align_norm_ratio"] = [sum(x[li]["norm_ratio"] for x in a) / len(a) for li in range(L)]
+        return res
+
+
+#: mix(x, y) -> (x, y, n_new): adds samples to a batch (continual replay); the first n_new rows are the new ones
+Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, int]]
+
+
+def train_epoch(net: SpikingNetwork, rule: LearningRule, opt: torch.optim.Optimizer,
+                batch_iter: Iterable[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig, enc_gen: torch.Generator,
+                epoch: int, stats: Optional[EpochStats] = None, group: Optional[dp.Group] = None,
+                mix: Optional[Mixer] = None, bar: Any = None, where: str = "",
+                on_small_batch: Optional[Callable[[int], None]] = None) -> EpochStats:
+    """THE training loop of every entry point (``Trainer``, ``locosnn continual``, sweep cells): one
+    pass over ``batch_iter``: [mix in replayed samples] -> device -> encode -> [this process's rows]
+    -> ``rule.step`` (writes .grad) -> [all-reduce .grad] -> finiteness checks -> optimiser step,
+    accumulating loss, accuracy (of the first ``n_new`` rows of a mixed batch), the rule's numeric
+    report entries and, every ``cfg.align_every`` steps, the alignment with BPTT into ``stats``.
+
+    ``epoch``: 1-based, for error messages (``where`` is prefixed to them, e.g. ``"task 2/5: "``).
+    ``group``: data-parallel; the encoder noise is drawn for the whole global batch, as one process.
+    ``bar``: a progress bar (``update(1)``, ``set_postfix``) owned by the caller."""
+    st = stats if stats is not None else EpochStats()
+    net.train()
+    try:
+        for step, (x, y) in enumerate(batch_iter):
+            n_new = len(y)
+            if mix is not None:
+                x, y, n_new = mix(x, y)
+            x, y = to_net(net, x, y)
+            x_seq = encode(x, cfg.T, cfg.encoder, enc_gen)  # data-parallel: the whole global batch, as one process
+            shard = None
+            if group is not None:
+                shard = group.shard(len(y))
+                if min(shard.sizes) == 0:  # a last batch smaller than the process count: skipped everywhere
+                    if on_small_batch is not None:
+                        on_small_batch(len(y))
+                    continue
+                x_seq, y = shard.take(x_seq, 1), shard.take(y)
+                n_new = len(y)
+                rule.shard = shard
+            if cfg.align_every and step % cfg.align_every == 0:
+                st.aligns.append(alignment(rule, net, x_seq, y))
+            t_step = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            report = rule.step(net, x_seq, y)
+            n_correct = int((report["out"][:n_new].argmax(1) == y[:n_new]).sum()) if "out" in report else 0
+            batch_loss, batch_n = report["loss"] * n_new, n_new
+            if shard is not None:  # every .grad becomes the global batch mean; loss and accuracy of the global batch
+                batch_loss, n_correct = shard.reduce_step(net.parameters(), report["loss"], n_correct)
+                batch_n = shard.total
+                report = {**report, "loss": batch_loss / batch_n}
+            try:
+                check_finite(net, report, epoch, step)
+                opt.step()
+                st.step_time += time.perf_counter() - t_step
+                check_weights_finite(net, epoch, step)
+            except NonFiniteError as err:
+                if not where:
+                    raise
+                raise NonFiniteError(f"{where}{err}") from None
+            st.steps += 1
+            for k, v in report.items():
+                if k not in ("loss", "out") and isinstance(v, (int, float)):
+                    st.extras.setdefault(k, []).append(float(v))
+            st.loss_sum += batch_loss
+            st.seen += batch_n
+            st.correct += n_correct
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{st.loss_sum / st.seen:.4f}", acc=f"{st.correct / st.seen:.3f}")
+    finally:
+        rule.shard = None
+    return st
+
+
+def prepare_rule(rule: LearningRule, net: SpikingNetwork, opt: torch.optim.Optimizer, show: bool = True) -> list[str]:
+    """The rule's :meth:`~locosnn.rules.base.LearningRule.setup` hook, once per run in every entry point;
+    its warnings are printed (``warning: ...`` on stderr) when ``show``, and returned."""
+    warns = list(rule.setup(net, opt) or [])
+    if show:
+        for w in warns:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+    return warns
+
+
+def set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, epochs: Optional[int] = None) -> float:
+    """Learning rates of (0-based) ``epoch`` of ``epochs`` (default ``cfg.epochs``) from ``cfg.lr_schedule``:
+    a function of the epoch only, so resume is exact. Returns the factor applied."""
+    f = 1.0
+    if cfg.lr_schedule == "cosine":
+        f = 0.5 * (1 + math.cos(math.pi * epoch / (epochs or cfg.epochs)))
+    base = [cfg.lr, cfg.readout_lr or cfg.lr]
+    for group, lr in zip(opt.param_groups, base):
+        group["lr"] = lr * f
+    return f
+
+
 class Trainer:
     """Train ``cfg.rule`` on ``cfg.dataset``; writes into ``out``. ``resume=True`` continues a run.
 
@@ -211,7 +271,7 @@ class Trainer:
         self.data = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.limit)
         check_compatible(self.net, self.data, cfg.arch)
         self.opt = build_optimizer(cfg, self.net)
-        self.enc_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.enc_gen = torch.Generator().manual_seed(seeds.train_encoder_seed(cfg.seed))
         self.epoch = 0
         self.history: list[dict] = []
         if self.out is not None:
@@ -256,79 +316,25 @@ class Trainer:
     # -- the loop -------------------------------------------------------------
     def set_lr(self) -> float:
         """Learning rates of this epoch from the schedule (a function of the epoch only, so resume is exact)."""
-        cfg = self.cfg
-        f = 1.0
-        if cfg.lr_schedule == "cosine":
-            f = 0.5 * (1 + math.cos(math.pi * self.epoch / cfg.epochs))
-        base = [cfg.lr, cfg.readout_lr or cfg.lr]
-        for group, lr in zip(self.opt.param_groups, base):
-            group["lr"] = lr * f
-        return f
+        return set_lr(self.opt, self.cfg, self.epoch)
 
     def train_epoch(self) -> dict[str, float]:
         cfg = self.cfg
         self.set_lr()
-        self.net.train()
-        shuffle = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
-        n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
-        it = batches(self.data.train, cfg.batch_size, True, shuffle)
+        shuffle = torch.Generator().manual_seed(seeds.epoch_shuffle_seed(cfg.seed, self.epoch))
         bar = None
         if self.progress:
             from tqdm import tqdm
-            bar = tqdm(it, total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{cfg.rule}]", leave=False)
-            it = bar
-        loss_sum, correct, seen = 0.0, 0, 0
-        extras: dict[str, list[float]] = {}
-        aligns: list[list[dict]] = []
-        step_time, step = 0.0, -1
-        for step, (x, y) in enumerate(it):
-            x, y = to_net(self.net, x, y)
-            x_seq = encode(x, cfg.T, cfg.encoder, self.enc_gen)  # data-parallel: the whole global batch, as one process
-            shard = None
-            if self.group is not None:
-                shard = self.group.shard(len(y))
-                if min(shard.sizes) == 0:  # a last batch smaller than the process count: skipped everywhere
-                    self._warn_small(len(y))
-                    continue
-                x_seq, y = shard.take(x_seq, 1), shard.take(y)
-                self.rule.shard = shard
-            if cfg.align_every and step % cfg.align_every == 0:
-                aligns.append(alignment(self.rule, self.net, x_seq, y))
-            t_step = time.perf_counter()
-            self.opt.zero_grad(set_to_none=True)
-            report = self.rule.step(self.net, x_seq, y)
-            n_correct = int((report["out"].argmax(1) == y).sum()) if "out" in report else 0
-            batch_loss, batch_n = report["loss"] * len(y), len(y)
-            if shard is not None:  # every .grad becomes the global batch mean; loss and accuracy of the global batch
-                batch_loss, n_correct = shard.reduce_step(self.net.parameters(), report["loss"], n_correct)
-                batch_n = shard.total
-                report = {**report, "loss": batch_loss / batch_n}
-            check_finite(self.net, report, self.epoch + 1, step)
-            self.opt.step()
-            step_time += time.perf_counter() - t_step
-            check_weights_finite(self.net, self.epoch + 1, step)
-            for k, v in report.items():
-                if k not in ("loss", "out") and isinstance(v, (int, float)):
-                    extras.setdefault(k, []).append(float(v))
-            loss_sum += batch_loss
-            seen += batch_n
-            correct += n_correct
+            bar = tqdm(total=math.ceil(len(self.data.train) / cfg.batch_size),
+                       desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{cfg.rule}]", leave=False)
+        try:
+            stats = train_epoch(self.net, self.rule, self.opt, batches(self.data.train, cfg.batch_size, True, shuffle),
+                                cfg, self.enc_gen, epoch=self.epoch + 1, group=self.group, bar=bar,
+                                on_small_batch=self._warn_small)
+        finally:
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-        if bar is not None:
-            bar.close()
-        self.rule.shard = None
-        res: dict[str, Any] = {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                               "step_time_s": step_time / max(step + 1, 1)}
-        rule_means = {f"rule_{k}": sum(v) / len(v) for k, v in extras.items()}
-        if self.group is not None:  # the rule's numbers of this process's rows: their mean over the processes
-            rule_means = dp.mean_over_ranks(rule_means, self.group)
-        res.update(rule_means)
-        if aligns:
-            L = len(aligns[0])
-            res["align_cos"] = [sum(a[li]["cos"] for a in aligns) / len(aligns) for li in range(L)]
-            res["align_norm_ratio"] = [sum(a[li]["norm_ratio"] for a in aligns) / len(aligns) for li in range(L)]
-        return res
+                bar.close()
+        return stats.summary(self.group)
 
     def _warn_small(self, n: int) -> None:
         if not self._warned_small and self.is_main:
@@ -347,6 +353,7 @@ class Trainer:
         if self.out is not None and self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._write_config()
+        prepare_rule(self.rule, self.net, self.opt, show=self.is_main)
         while self.epoch < self.cfg.epochs:
             t0 = time.perf_counter()
             row: dict[str, Any] = {"epoch": self.epoch + 1}

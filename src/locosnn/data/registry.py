@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import LocosnnError
+from ..seeds import TEST_SPLIT
 from .idx import read_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -154,7 +155,7 @@ def load_dataset(name: str, data_dir: str | None = None, val_size: int | float |
     elif name in ("mnist-5k", "digits", "synthetic"):
         loader: Callable = {"mnist-5k": _mnist5k, "digits": _digits, "synthetic": _synthetic}[name]
         x, y, files = loader()
-        (xtr, ytr), (xte, yte) = _split(x, y, len(y) // 5, seed=12345)  # fixed test split, independent of --seed
+        (xtr, ytr), (xte, yte) = _split(x, y, len(y) // 5, seed=TEST_SPLIT)  # fixed test split, independent of --seed
     else:
         raise LocosnnError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if val_size is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import LocosnnError
-from .base import LearningRule
+from .base import FeedbackRule, LearningRule, PerturbationRule, StepReport
 from .bptt import BPTT
 from .fa_dfa import DFA, FA, OPZO
 from .loco import LOCO
@@ -15,6 +15,18 @@ from .sfdfa import SFDFA
 
 RULES: dict[str, type[LearningRule]] = {"bptt": BPTT, "np": NodePerturbation, "loco": LOCO, "fa": FA, "dfa": DFA, "opzo": OPZO,
                                    "sfdfa": SFDFA, "owm": OWM, "sal": SAL}
+
+
+def register_rule(name: str, cls: type[LearningRule], replace: bool = False) -> type[LearningRule]:
+    """Add ``cls`` to ``RULES`` as ``name`` (then ``make_rule(name)``, the trainer and the cost metrics
+    use it). A rule subclasses :class:`LearningRule`, or one of the families :class:`FeedbackRule` /
+    :class:`PerturbationRule` whose interface the cost model measures. ``replace`` allows re-registering."""
+    if not (isinstance(cls, type) and issubclass(cls, LearningRule)):
+        raise LocosnnError(f"rule {name!r} must be a LearningRule subclass, got {cls!r}")
+    if name in RULES and RULES[name] is not cls and not replace:
+        raise LocosnnError(f"rule {name!r} is already registered ({RULES[name].__name__})")
+    RULES[name] = cls
+    return cls
 
 
 def make_rule(name: str, **kwargs: Any) -> LearningRule:
@@ -35,4 +47,5 @@ def make_rule(name: str, **kwargs: Any) -> LearningRule:
     return cls(**kwargs)
 
 
-__all__ = ["LearningRule", "BPTT", "DFA", "FA", "LOCO", "NodePerturbation", "OPZO", "OWM", "RULES", "SAL", "SFDFA", "make_rule"]
+__all__ = ["LearningRule", "FeedbackRule", "PerturbationRule", "StepReport", "BPTT", "DFA", "FA", "LOCO",
+           "NodePerturbation", "OPZO", "OWM", "RULES", "SAL", "SFDFA", "make_rule", "register_rule"]

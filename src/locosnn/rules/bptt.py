@@ -6,19 +6,17 @@ NeuronConfig so that every rule sees the same neuron.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..network import SpikingNetwork
-from .base import LearningRule
+from .base import LearningRule, StepReport
 
 
 class BPTT(LearningRule):
     name = "bptt"
     uses_backprop = True
 
-    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> StepReport:
         network.zero_grad(set_to_none=True)
         tr = network.run(x_seq, grad=True)
         loss = self.loss_fn(tr.out, y).mean()

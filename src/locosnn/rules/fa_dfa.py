@@ -31,23 +31,27 @@ FA B_l ~ N(0, 1/fan_in) in W_l's shape; DFA B_l ~ N(0, 1/n_out) of shape (n_l, n
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import math
+from typing import Any, Iterator, Optional
 
 import torch
 
 from ..errors import LocosnnError
 from ..losses import output_error
-from ..network import SpikingNetwork
-from .base import LearningRule, accumulate, follow
+from ..network import Noise, SpikingNetwork
+from ..seeds import FEEDBACK, OPZO_NOISE, rule_generator
+from .alignment import angle_deg
+from .base import FeedbackRule, StepReport, accumulate, follow
 
 
-class _OnlineFeedback(LearningRule):
+class _OnlineFeedback(FeedbackRule):
     """Shared two-pass machinery; subclasses implement :meth:`hidden_deltas`."""
 
     def __init__(self, trace_decay: Optional[float] = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.trace_decay = trace_decay
-        self.generator = torch.Generator().manual_seed(10_007 * self.seed + 3)
+        self.generator = rule_generator(self.seed, FEEDBACK)
         self.B: list[torch.Tensor] = []
 
     # -- feedback state ------------------------------------------------------
@@ -93,7 +97,7 @@ class _OnlineFeedback(LearningRule):
 
     # -- the step ------------------------------------------------------------
     @torch.no_grad()
-    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> StepReport:
         if not self.B:
             self.init_feedback(network)
         self.B = follow(self.B, network.layers[0].weight)
@@ -174,7 +178,6 @@ class FA(_OnlineFeedback):
     def feedback_angles(self, network: SpikingNetwork) -> list[float]:
         """angle(B_l, W_l) in degrees for the layers whose B carries the error down (l >= 1):
         B_l plays W_l^T's role, so this is angle(B_l^T, W_l^T); ~90 for random B, 0 for W^T."""
-        from ..diagnostics import angle_deg
         if not self.B:
             return []
         self.B = follow(self.B, network.layers[0].weight)
@@ -182,6 +185,22 @@ class FA(_OnlineFeedback):
 
     def end_epoch(self, network: SpikingNetwork) -> dict[str, Any]:
         return {"angle_deg": self.feedback_angles(network)} if self.B else {}
+
+    @contextlib.contextmanager
+    def poison_feedback(self, network: SpikingNetwork, k: int) -> Iterator[None]:
+        """feedback="transpose": the hop through layer k is W_k itself, so W_k is poisoned (and with it
+        the forward pass; the cost model counts only the other layers' updates)."""
+        if self.feedback != "transpose":
+            with super().poison_feedback(network, k):
+                yield
+            return
+        w = network.layers[k].weight
+        keep = w.data.clone()
+        w.data.fill_(math.nan)
+        try:
+            yield
+        finally:
+            w.data.copy_(keep)
 
     def _matrix(self, network: SpikingNetwork, k: int) -> torch.Tensor:
         return network.layers[k].weight.detach() if self.feedback == "transpose" else self.B[k]
@@ -277,7 +296,7 @@ class OPZO(DFA):
             raise LocosnnError(f"unknown OPZO noise {dist!r}; choose gaussian or rademacher")
         self.alpha, self.lam, self.dist, self.antithetic = alpha, lam, dist, antithetic
         self.clean_reference = bool(clean_reference)
-        self.noise_generator = torch.Generator().manual_seed(10_007 * self.seed + 4)
+        self.noise_generator = rule_generator(self.seed, OPZO_NOISE)
         self.steps = 0
 
     def init_feedback(self, network: SpikingNetwork) -> None:
@@ -301,7 +320,6 @@ class OPZO(DFA):
         return batch if self.clean_reference and self.alpha > 0 else 0
 
     def forward_noise(self, network: SpikingNetwork, clean_rows: int):
-        from ..network import Noise
         if self.alpha <= 0:
             return None
         sign = -1.0 if self.antithetic and self.steps % 2 == 1 else 1.0

@@ -92,6 +92,8 @@ import torch
 
 from ..errors import LocosnnError
 from ..network import SpikingNetwork, Trace
+from ..seeds import LOCO_PROJECTION, rule_generator
+from .base import StepReport
 from .np import NodePerturbation
 from .projector import ClusterMemory, fast_loco_basis, loco_basis, project
 
@@ -137,7 +139,7 @@ class LOCO(NodePerturbation):
         self.variant, self.projection, self.min_share = variant, bool(projection), min_share
         self.per_batch, self.max_rows, self.kmeans_iters = per_batch, max_rows, kmeans_iters
         self.window = window
-        self.proj_generator = torch.Generator().manual_seed(10_007 * self.seed + 2)
+        self.proj_generator = rule_generator(self.seed, LOCO_PROJECTION)
         self.memories: list[ClusterMemory] = []
         self.last_projector_s = 0.0
         self.last_ranks: list[int] = []
@@ -298,7 +300,7 @@ class LOCO(NodePerturbation):
         return out
 
     @torch.no_grad()
-    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> StepReport:
         if not self.fused:
             report = super().step(network, x_seq, y)
             report["projector_s"] = self.last_projector_s

@@ -29,11 +29,12 @@ import torch
 
 from ..errors import LocosnnError
 from ..network import Noise, SpikingNetwork, Trace
-from .base import LearningRule, accumulate
+from ..seeds import NP_NOISE, rule_generator
+from .base import PerturbationRule, StepReport, accumulate
 from .perturb import DeepEstimator, DeepOptions
 
 
-class NodePerturbation(LearningRule):
+class NodePerturbation(PerturbationRule):
     """NP. Parameters: sigma (noise std), site ("current" | "output"), dist ("gaussian" |
     "rademacher" | "uniform"), concat (clean and noisy pass as one batch), online (memory
     flat in T: replay the noise in a second noisy pass instead of recording the trace).
@@ -67,7 +68,7 @@ class NodePerturbation(LearningRule):
         self.sigma, self.site, self.dist, self.concat = sigma, site, dist, concat
         self.online = bool(online)
         Noise(sigma, site, dist)  # validates site and dist
-        self.generator = torch.Generator().manual_seed(10_007 * self.seed + 1)
+        self.generator = rule_generator(self.seed, NP_NOISE)
 
     # -- forward passes ------------------------------------------------------
     def perturbed_passes(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor):
@@ -142,7 +143,7 @@ class NodePerturbation(LearningRule):
         return clean, grads, dl, l_clean
 
     @torch.no_grad()
-    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> StepReport:
         if self.deep_estimator is not None:
             clean, raw, l_clean, extras = self.deep_estimator.step(self, network, x_seq, y)
             self.write_grads(network, self.transform(network, clean, raw))

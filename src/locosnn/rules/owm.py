@@ -51,7 +51,7 @@ import torch
 
 from ..errors import LocosnnError
 from ..network import SpikingNetwork
-from .base import LearningRule
+from .base import LearningRule, StepReport
 
 UPDATES = ("batch", "task")
 
@@ -63,6 +63,7 @@ class OWM(LearningRule):
 
     name = "owm"
     uses_backprop = True
+    supports_conv = False
 
     def __init__(self, alpha: float = 1.0, update: str = "batch", project_bias: bool = True, **kw: Any) -> None:
         super().__init__(**kw)
@@ -112,7 +113,7 @@ class OWM(LearningRule):
         return self.P[li]
 
     # -- the step -----------------------------------------------------------------------------------
-    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> StepReport:
         self._check(network)
         network.zero_grad(set_to_none=True)
         tr = network.run(x_seq, grad=True, record=True)
@@ -144,6 +145,13 @@ class OWM(LearningRule):
             if self.update == "batch":
                 self.n_updates += 1
         return {"loss": float(loss.detach()), "out": tr.out.detach()}
+
+    def setup(self, network: SpikingNetwork, optimizer: Any) -> list[str]:
+        """Adam's per-coordinate scaling undoes the projection: a warning line (every entry point prints it)."""
+        if isinstance(optimizer, torch.optim.Adam):
+            return ["rule 'owm' with optimizer adam: Adam's per-coordinate scaling undoes the orthogonal "
+                    "projection; use optimizer sgd (--optimizer sgd)"]
+        return []
 
     def end_task(self, network: Optional[SpikingNetwork] = None) -> dict[str, Any]:
         """Task boundary (called by ``locosnn continual``): with ``update="task"``, fold the

@@ -14,9 +14,8 @@ Cholesky factorisations instead of the loop and the QR; equal up to rounding, te
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -5,12 +5,12 @@ Training is exactly FA (:class:`locosnn.rules.fa_dfa.FA`): random feedback B_l i
 carries the error down in place of W_l^T, drawn from the same generator as FA's, so an
 SAL run and an FA run with the same seed start from the same B. After each training epoch
 (every ``sal_every``-th; the trainer's ``end_epoch`` hook) a SAL phase runs
-(:func:`locosnn.sal.sal_phase`): the network, with stochastic spiking neurons, carries W_l
+(:func:`locosnn.rules.sal_sim.sal_phase`): the network, with stochastic spiking neurons, carries W_l
 bottom-up and B_l top-down, fires driven by its own noise, and an antisymmetric STDP rule on
 the feedback synapses moves B_l towards W_l. ``end_epoch`` returns ``{"angle_deg": [...]}``
 (angle(B_l, W_l) for l = 1..L-1, logged as ``rule_angle_deg``), measured after the phase.
 
-What the authors did that we do differently (details in :mod:`locosnn.sal`): their SAL phase
+What the authors did that we do differently (details in :mod:`locosnn.rules.sal_sim`): their SAL phase
 ran before each epoch, five times, on a separate sampling network with weights copied from the
 trained ANN; ours runs once after each epoch on the trained SNN's weights, rescaled per layer
 (``sal_gain``), in discrete time. The phase's RNG is rule state (checkpointed), so a resumed run
@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
-
 from ..errors import LocosnnError
 from ..network import SpikingNetwork
+from ..seeds import SAL_PHASE, rule_generator
 from .base import follow
 from .fa_dfa import FA
+from .sal_sim import _check, sal_phase
 
 
 class SAL(FA):
@@ -53,6 +53,7 @@ class SAL(FA):
     """
 
     name = "sal"
+    supports_conv = False
 
     def __init__(self, sal_steps: int = 6000, sal_lr: float = 0.01, sal_kernel: str = "triangular",
                  sal_tau: Optional[float] = None, sal_every: int = 1, sal_pairing: str = "nearest",
@@ -64,14 +65,13 @@ class SAL(FA):
         if sal_steps < 0 or sal_every < 0 or sal_batch < 1:
             raise LocosnnError(f"sal_steps and sal_every must be >= 0 and sal_batch >= 1, got "
                                f"{sal_steps}, {sal_every}, {sal_batch}")
-        from ..sal import _check
         tau = float(sal_tau_ref) if sal_tau is None else float(sal_tau)
         _check(sal_kernel, sal_pairing, "rect", sal_tau_ref, tau, sal_tau_syn)
         self.sal_steps, self.sal_lr, self.sal_kernel, self.sal_tau = int(sal_steps), float(sal_lr), sal_kernel, tau
         self.sal_every, self.sal_pairing, self.sal_batch = int(sal_every), sal_pairing, int(sal_batch)
         self.sal_gain, self.sal_tau_ref, self.sal_tau_syn = float(sal_gain), int(sal_tau_ref), sal_tau_syn
         self.sal_bias, self.deterministic = float(sal_bias), bool(deterministic)
-        self.sal_generator = torch.Generator().manual_seed(10_007 * self.seed + 5)
+        self.sal_generator = rule_generator(self.seed, SAL_PHASE)
         self.epochs_seen = 0
         self.last_phase: dict[str, Any] = {}
 
@@ -93,7 +93,6 @@ class SAL(FA):
 
     def run_phase(self, network: SpikingNetwork) -> dict[str, Any]:
         """One SAL phase on self.B (in place); returns the phase's rates and duration."""
-        from ..sal import sal_phase
         if not self.B:
             self.init_feedback(network)
         self.B = follow(self.B, network.layers[0].weight)  # updated in place: on the network's dtype and device

@@ -65,10 +65,11 @@ from ..errors import LocosnnError
 from ..losses import output_error
 from ..network import SpikingNetwork
 from ..neurons import surrogate_derivative
-from .base import LearningRule, follow
+from ..seeds import SFDFA_FEEDBACK, rule_generator
+from .base import FeedbackRule, StepReport, follow
 
 
-class SFDFA(LearningRule):
+class SFDFA(FeedbackRule):
     """Spiking forward DFA with learned feedback and exact local eligibility (see module doc).
 
     eta_b: moving-average rate of B per sample (default 0.001, chosen on validation accuracy in
@@ -81,6 +82,7 @@ class SFDFA(LearningRule):
     b_init: "zero" (default: B starts at 0 and is learned) or "random" (N(0, 1/n_out))."""
 
     name = "sfdfa"
+    supports_conv = False
 
     def __init__(self, eta_b: float = 0.001, eligibility: str = "exact", online: bool = False,
                  count_loss: bool = False, count_targets: tuple = (15.0, 3.0), b_init: str = "zero",
@@ -95,7 +97,7 @@ class SFDFA(LearningRule):
         self.eta_b, self.eligibility, self.b_init, self.online = eta_b, eligibility, b_init, bool(online)
         self.count_loss = bool(count_loss)
         self.count_targets = tuple(float(c) for c in count_targets)
-        self.generator = torch.Generator().manual_seed(10_007 * self.seed + 5)
+        self.generator = rule_generator(self.seed, SFDFA_FEEDBACK)
         self.B: list[torch.Tensor] = []
 
     def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -163,7 +165,7 @@ class SFDFA(LearningRule):
 
     # -- the step -----------------------------------------------------------------
     @torch.no_grad()
-    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    def step(self, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> StepReport:
         T, n = x_seq.shape[0], x_seq.shape[1]
         self._T = T
         if getattr(network.neuron, "reset", "subtract") != "subtract":
