@@ -50,7 +50,7 @@ bench:
 # the sweep's report (benchmarks/report: report.html, report.md, figures/) and, from the same data,
 # RESULTS.md and the results table in README.md; `make report` is the same thing
 results:
-	$(BIN)/locosnn report benchmarks/sweep --out benchmarks/report --results-md RESULTS.md --readme-table README.md
+	$(BIN)/locosnn report benchmarks/sweep benchmarks/g2p --out benchmarks/report --results-md RESULTS.md --readme-table README.md
 	$(BIN)/locosnn report benchmarks/deep --grids deep_d10,deep_d10_seeds,deep_d10_seeds_more,deep_d10_seeds_local,deep_d10_long,deep_depth,deep_depth_more,deep_2layer --arch 784-256x10-10 --title "Deep networks" --out benchmarks/deep/report --results-md docs/deep_results.md
 	$(BIN)/python benchmarks/deep_ablation.py --dir benchmarks/deep --out docs/deep_ablation.md
 	$(BIN)/locosnn report benchmarks/g2p --grids g2p,g2p_seeds --arch 189-256-256-53 --out benchmarks/g2p/report --title 'Grapheme-to-phoneme (CMUdict)' --results-md docs/g2p_results.md

@@ -715,8 +715,12 @@ def section_best(df, sources, arch: Optional[str] = None) -> Section:
                         & (final["epochs"].astype(str) == epochs)]
             if len(fin):
                 rows.append(_best_row(name, fin))
-    sec.tables.append((["label", "rule", "arch", "lr", "epochs", "rule_args", "seeds", "val acc (%)", "test acc (%)",
-                        "grid"], rows,
+    header = ["label", "rule", "arch", "lr", "epochs", "rule_args", "seeds", "val acc (%)", "test acc (%)", "grid"]
+    if "dataset" in final and final["dataset"].nunique() > 1:  # several tasks: say which row is which
+        ds = {(str(a), str(e)): str(d) for a, e, d in final[["arch", "epochs", "dataset"]].values}
+        header.insert(1, "dataset")
+        rows = [r[:1] + [ds.get((r[2], r[4]), "")] + r[1:] for r in rows]
+    sec.tables.append((header, rows,
                        caption(final, sources, "Final-epoch accuracy of each rule label's best setting per architecture and "
                                                "epoch budget, chosen by validation accuracy (the test set never "
                                                "chooses); mean ± std over seeds.")))
