@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test test-fast lint train bench-bptt bench-loco bench-cost bench-sal bench bench-deep bench-g2p report results clean
+.PHONY: setup test test-fast lint train bench-bptt bench-loco bench-cost bench-sal bench bench-deep bench-g2p bench-projector bench-step-time bench-all report results clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,7 @@ results:
 	$(BIN)/locosnn report benchmarks/sweep benchmarks/g2p --out benchmarks/report --results-md RESULTS.md --readme-table README.md
 	$(BIN)/locosnn report benchmarks/deep --grids deep_d10,deep_d10_seeds,deep_d10_seeds_more,deep_d10_seeds_local,deep_d10_long,deep_depth,deep_depth_more,deep_2layer --arch 784-256x10-10 --title "Deep networks" --out benchmarks/deep/report --results-md docs/deep_results.md
 	$(BIN)/python benchmarks/deep_ablation.py --dir benchmarks/deep --out docs/deep_ablation.md
+	$(BIN)/locosnn report benchmarks/projector --grids projector --title "LOCO projector modes" --out benchmarks/projector/report --results-md docs/projector_results.md
 	$(BIN)/locosnn report benchmarks/g2p --grids g2p,g2p_seeds --arch 189-256-256-53 --out benchmarks/g2p/report --title 'Grapheme-to-phoneme (CMUdict)' --results-md docs/g2p_results.md
 
 # deep networks (docs/deep.md): resumable; the D = 10 grids with 3 seeds take about 1.5 h on 2 cores,
@@ -67,6 +68,17 @@ bench-deep:
 # the grapheme-to-phoneme baseline table (docs/g2p.md): 3 seeds x 4 rules, about 25 minutes on 2 shared cores
 bench-g2p:
 	$(BIN)/locosnn bench benchmarks/g2p.toml --workers 1 --only g2p,g2p_seeds
+
+# LOCO's projector modes (docs/rules.md): 9 cells, about 20 minutes on 2 cores
+bench-projector:
+	$(BIN)/locosnn bench benchmarks/projector.toml --workers 2 --only projector
+
+# step time of every rule beside snnTorch's BPTT (run it on a quiet machine; a few minutes)
+bench-step-time:
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/step_time.py --repeats 30
+
+# every number README.md, RESULTS.md and docs/ quote, then the pages (hours on 2 cores; resumable)
+bench-all: bench bench-g2p bench-projector bench-deep bench-step-time results
 
 report: results
 
