@@ -158,3 +158,31 @@ def test_atomic_writes_get_a_normal_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+
+
+def test_git_sha_marks_changed_code_dirty_but_not_benchmark_outputs(tmp_path):
+    """A benchmark writes into benchmarks/<name>/ while it runs: those files must not make the code
+    look uncommitted; any other tracked change must (negative control)."""
+    import shutil
+    import subprocess
+
+    from locosnn.provenance import git_sha
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    (tmp_path / "benchmarks" / "sweep").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "sweep.toml").write_text("out = 'benchmarks/sweep'\n")
+    (tmp_path / "benchmarks" / "sweep" / "results.csv").write_text("a\n1\n")
+    run("init", "-q")
+    run("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    run("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init")
+    sha = git_sha(tmp_path)
+    assert len(sha) == 40 and not sha.endswith("-dirty")
+    (tmp_path / "benchmarks" / "sweep" / "results.csv").write_text("a\n2\n")  # an output: still clean
+    assert git_sha(tmp_path) == sha
+    (tmp_path / "benchmarks" / "sweep.toml").write_text("out = 'elsewhere'\n")  # a config: dirty
+    assert git_sha(tmp_path) == sha + "-dirty"
+    (tmp_path / "benchmarks" / "sweep.toml").write_text("out = 'benchmarks/sweep'\n")
+    (tmp_path / "code.py").write_text("x = 2\n")  # code: dirty
+    assert git_sha(tmp_path) == sha + "-dirty"

@@ -8,14 +8,21 @@ import sys
 from pathlib import Path
 
 
-def git_sha() -> str:
+def git_sha(where: str | Path | None = None) -> str:
+    """HEAD's SHA, with ``-dirty`` when tracked code or configs differ from it (benchmark outputs do not
+    count), or ``unknown`` outside a git checkout."""
     try:
-        here = Path(__file__).resolve().parent
+        here = Path(where) if where is not None else Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         sha = out.stdout.strip()
         if not sha:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
+                             timeout=5).stdout.strip() or str(here)
+        # changed tracked files count, except benchmark outputs (anything inside a subdirectory of
+        # benchmarks/: cells, results.csv, reports), which a running benchmark itself writes
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude,glob)benchmarks/*/**"], cwd=top,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
