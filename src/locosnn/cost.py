@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .losses import per_sample_loss
-from .network import SpikingNetwork, Trace
+from .network import SpikingNetwork
 from .diagnostics import rule_update
 from .rules.base import FeedbackRule, LearningRule, PerturbationRule
 from .seeds import train_encoder_seed
@@ -91,11 +91,6 @@ def autograd_stages(network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tenso
             if indeg[nxt] == 0:
                 ready.append(nxt)
     return result
-
-
-def _poisoned(tr: Trace, keep: int) -> Trace:
-    """``tr`` with every layer's records but ``keep``'s set to NaN (the default of ``PerturbationRule``)."""
-    return PerturbationRule.poison_records(tr, keep)
 
 
 def perturbation_stages(rule: PerturbationRule, network: SpikingNetwork, x_seq: torch.Tensor, y: torch.Tensor) -> list[int]:

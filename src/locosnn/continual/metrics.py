@@ -11,8 +11,8 @@ from ..config import TrainConfig
 from ..data import Split, batches
 from ..encoding import encode
 from ..errors import LocosnnError
+from ..factory import to_net
 from ..network import SpikingNetwork
-from ..train import to_net
 from .settings import AGNOSTIC, AWARE
 from .streams import Task
 

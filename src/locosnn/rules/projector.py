@@ -123,15 +123,22 @@ def orthonormal(vectors: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
     return gram_schmidt(vectors, None, tol)
 
 
-def kmeans(X: torch.Tensor, k: int, iters: int = 10, init: Optional[torch.Tensor] = None,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Plain Lloyd k-means on rows of X; returns (k', d) centroids, k' = min(k, len(X))."""
+def _kmeans_start(X: torch.Tensor, k: int, init: Optional[torch.Tensor],
+                  generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The starting centroids of both k-means: ``init`` when it has the shape (min(k, n), d), else
+    min(k, n) distinct rows of X drawn from ``generator``."""
     n = X.shape[0]
     k = min(k, n)
     if init is not None and init.shape == (k, X.shape[1]):
-        C = init.clone()
-    else:
-        C = X[torch.randperm(n, generator=generator)[:k].to(X.device)].clone()
+        return init.clone()
+    return X[torch.randperm(n, generator=generator)[:k].to(X.device)].clone()
+
+
+def kmeans(X: torch.Tensor, k: int, iters: int = 10, init: Optional[torch.Tensor] = None,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Plain Lloyd k-means on rows of X; returns (k', d) centroids, k' = min(k, len(X))."""
+    C = _kmeans_start(X, k, init, generator)
+    k = C.shape[0]
     for _ in range(iters):
         assign = torch.cdist(X, C).argmin(1)
         for j in range(k):
@@ -293,12 +300,8 @@ def kmeans_vectorised(X: torch.Tensor, k: int, iters: int = 10, init: Optional[t
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """:func:`kmeans` (same initialisation, same updates; an empty cluster keeps its centroid) with
     each iteration's means as one GEMM with the assignment matrix instead of a loop over clusters."""
-    n = X.shape[0]
-    k = min(k, n)
-    if init is not None and init.shape == (k, X.shape[1]):
-        C = init.clone()
-    else:
-        C = X[torch.randperm(n, generator=generator)[:k].to(X.device)].clone()
+    C = _kmeans_start(X, k, init, generator)
+    k = C.shape[0]
     for _ in range(iters):
         A = F.one_hot(nearest(X, C), k).to(X.dtype)  # (n, k)
         counts = A.sum(0)
