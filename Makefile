@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test test-fast lint train bench-bptt bench-loco bench-cost bench-sal bench bench-deep bench-g2p bench-projector bench-step-time bench-all report results clean
+.PHONY: setup test test-fast lint train bench-tuning bench-sal bench bench-deep bench-g2p bench-projector bench-step-time bench-all report results clean
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -28,15 +28,11 @@ lint:
 train:
 	$(BIN)/locosnn train --rule bptt --dataset fashion-mnist --arch 784-500-500-10 --epochs 10 --out runs/bptt-fmnist
 
-bench-bptt:
-	$(BIN)/python benchmarks/run_bptt.py
-
-bench-loco:
-	$(BIN)/python benchmarks/run_loco.py accuracy --workers 2
-	$(BIN)/python benchmarks/run_loco.py depth --workers 2
-
-bench-cost:
-	$(BIN)/python benchmarks/run_cost.py
+# how the sweep's settings were chosen (lr grid, NP/LOCO and SFDFA variants) and the BPTT reference
+# on the full training set (benchmarks/tuning.toml; about 75 min on 2 cores, resumable)
+bench-tuning:
+	$(BIN)/locosnn bench benchmarks/tuning.toml --workers 2 --only lr,perturbation,perturbation_sweep_settings,perturbation_faithful,sfdfa
+	$(BIN)/locosnn bench benchmarks/tuning.toml --workers 1 --threads 2 --only reference
 
 bench-sal:
 	$(BIN)/locosnn sal-demo --out benchmarks/sal --seeds 5 --mode all

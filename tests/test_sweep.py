@@ -225,6 +225,39 @@ def test_only_and_failed_cells_are_retried(tmp_path, monkeypatch):
     assert sorted(r["T"] for r in read_csv(tmp_path / "out" / "results.csv")) == ["2", "3"]
 
 
+def test_cells_recorded_only_in_results_csv_are_kept_and_rerun_with_fresh(tmp_path, monkeypatch):
+    """A fresh clone has results.csv but no cell directories: those cells count as finished, their rows
+    survive a run of other cells, and --fresh reruns them (replacing their rows)."""
+    import shutil
+
+    calls = []
+
+    def measure_cell(settings):
+        calls.append(settings["T"])
+        return {"step_time_s": 0.01 * settings["T"] + 0.001 * len(calls), "update_stages": 1, "state_bytes": 100}
+
+    monkeypatch.setattr(locosnn.cost, "measure_cell", measure_cell, raising=False)
+    body = TINY + '[[grid]]\nname = "cost"\nkind = "cost"\nrule = "bptt"\ndepth = 1\nwidth = 8\nT = [2, 3]\n'
+    cfg = write(tmp_path, body)
+    run_sweep(cfg, workers=0, echo=quiet)
+    before = read_csv(tmp_path / "out" / "results.csv")
+    assert len(before) == 2 and calls == [2, 3]
+    shutil.rmtree(tmp_path / "out" / "cells")  # what a clone of the repository holds
+    lines = []
+    s = run_sweep(cfg, workers=0, dry_run=True, echo=lines.append)
+    assert sum(x.startswith("recorded") for x in lines) == 2 and "2 finished (2 recorded" in lines[-1]
+    cfg = write(tmp_path, body.replace("T = [2, 3]", "T = [2, 3, 4]"))
+    s = run_sweep(cfg, workers=0, echo=quiet)
+    assert len(s["ran"]) == 1 and calls == [2, 3, 4]  # only the new cell ran
+    after = read_csv(tmp_path / "out" / "results.csv")
+    assert [r for r in after if r["T"] != "4"] == before  # the recorded rows survive, unchanged
+    s = run_sweep(cfg, workers=0, fresh=True, echo=quiet)
+    assert len(s["ran"]) == 2 and calls == [2, 3, 4, 2, 3]  # --fresh: the recorded cells rerun, T=4 is finished
+    again = {r["T"]: r["step_time_s"] for r in read_csv(tmp_path / "out" / "results.csv")}
+    assert again["2"] != before[0]["step_time_s"] and len(again) == 3  # rows replaced, not duplicated
+    assert main(["bench", str(cfg), "--dry-run", "--fresh"]) == 0
+
+
 def test_continual_cells_use_run_continual(tmp_path, monkeypatch):
     seen = []
 

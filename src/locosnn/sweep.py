@@ -96,7 +96,11 @@ hash of its kind and merged settings (as written, not library defaults), e.g.
 (the spec), the run's own files (train: ``config.json``, ``metrics.jsonl``,
 ``checkpoint.pt``; continual: ``results.csv``, ``matrix.json``; cost: ``cost.json``) and,
 written atomically last, ``result.json``. A cell with ``result.json`` is finished and never
-rerun; an interrupted cell is resumed from its checkpoint (train and continual). A diverged
+rerun; an interrupted cell is resumed from its checkpoint (train and continual). A cell with no
+directory here whose rows are in ``OUT/results.csv`` is *recorded* (the cell directories are
+working files, not committed: a fresh clone has only the aggregate table): it counts as finished
+and its rows are kept, unless ``fresh=True`` (``--fresh``) reruns it, replacing its rows when it
+finishes. A diverged
 train run (non-finite loss) is a finished result with status ``diverged``; a cell that raised
 writes ``error.json`` instead and is retried on the next run.
 
@@ -531,11 +535,25 @@ def _cellvalue(v: Any) -> Any:
     return v
 
 
+def recorded_rows(out: Path) -> dict[str, list[dict[str, str]]]:
+    """The rows of ``out/results.csv`` by cell id (empty if there is no table yet)."""
+    path = out / "results.csv"
+    rec: dict[str, list[dict[str, str]]] = {}
+    if path.exists():
+        with path.open(newline="") as f:
+            for r in csv.DictReader(f):
+                if r.get("cell"):
+                    rec.setdefault(r["cell"], []).append(r)
+    return rec
+
+
 def write_results(out: Path, cells: Iterable[Cell]) -> int:
-    """Rebuild ``out/results.csv`` atomically from the finished cells; returns the number of rows."""
+    """Rebuild ``out/results.csv`` atomically from the finished cells, keeping the recorded rows of cells
+    that have no finished directory here (see *recorded* in the module docstring); returns the number of rows."""
+    recorded = recorded_rows(out)
     rows: list[dict[str, Any]] = []
     for c in cells:
-        rows += cell_rows(out, c)
+        rows += cell_rows(out, c) or recorded.get(c.id, [])
     cols: list[str] = []
     seen: set[str] = set()
     present = {k for r in rows for k in r}
@@ -554,10 +572,13 @@ def write_results(out: Path, cells: Iterable[Cell]) -> int:
 
 
 # -- status, engines, the sweep ----------------------------------------------------------------------
-def cell_status(out: Path, cell: Cell) -> str:
+def cell_status(out: Path, cell: Cell, recorded: Optional[dict[str, Any]] = None) -> str:
+    """finished | recorded (rows in results.csv, no finished directory here) | error | partial | pending."""
     d = _cell_dir(out, cell)
     if (d / FINISHED).exists():
         return "finished"
+    if recorded is not None and cell.id in recorded and not d.exists():  # a directory here: resume it
+        return "recorded"
     if (d / "error.json").exists():
         return "error"
     if (d / "checkpoint.pt").exists() or (d / "metrics.jsonl").exists():
@@ -707,8 +728,9 @@ def _write_meta(out: Path, sweep: Sweep, run: dict[str, Any]) -> None:
 
 def run_sweep(config: str | Path | Sweep, out: str | Path | None = None, workers: Optional[int] = 1, threads: int = 1,
               engine: str = "local", address: Optional[str] = None, only: Optional[list[str]] = None,
-              dry_run: bool = False, command: Optional[str] = None, echo=print) -> dict[str, Any]:
-    """Run (or with ``dry_run`` list) the unfinished cells of a sweep. Returns a summary:
+              dry_run: bool = False, command: Optional[str] = None, echo=print, fresh: bool = False) -> dict[str, Any]:
+    """Run (or with ``dry_run`` list) the unfinished cells of a sweep (with ``fresh``, also the cells recorded
+    only in results.csv). Returns a summary:
     ``{"out", "cells", "finished_before", "ran", "errors"}`` (lists of cell ids)."""
     sweep = config if isinstance(config, Sweep) else load_sweep(config, out)
     if out:
@@ -731,19 +753,23 @@ def run_sweep(config: str | Path | Sweep, out: str | Path | None = None, workers
             raise LocosnnError(f"--only {', '.join(bad)}: no such grid; the config has {', '.join(sweep.grids)}")
         selected = [c for c in sweep.cells if c.grid in only]
     if dry_run:
-        return _run_selected(sweep, outp, selected, workers, threads, engine, address, only, True, command, echo)
+        return _run_selected(sweep, outp, selected, workers, threads, engine, address, only, True, command, echo,
+                             fresh)
     if outp.exists() and not outp.is_dir():
         raise LocosnnError(f"--out {outp} is an existing file, not a directory; choose another --out")
     with DirLock(outp, "bench"):  # one `locosnn bench` per output directory at a time
-        return _run_selected(sweep, outp, selected, workers, threads, engine, address, only, False, command, echo)
+        return _run_selected(sweep, outp, selected, workers, threads, engine, address, only, False, command, echo,
+                             fresh)
 
 
 def _run_selected(sweep: Sweep, outp: Path, selected: list[Cell], workers: int, threads: int, engine: str,
                   address: Optional[str], only: Optional[list[str]], dry_run: bool, command: Optional[str],
-                  echo) -> dict[str, Any]:
-    status = {c.id: cell_status(outp, c) for c in selected}
-    done_before = [c.id for c in selected if status[c.id] == "finished"]
-    todo = [c for c in selected if status[c.id] != "finished"]
+                  echo, fresh: bool = False) -> dict[str, Any]:
+    recorded = recorded_rows(outp)
+    status = {c.id: cell_status(outp, c, recorded) for c in selected}
+    done = ("finished",) if fresh else ("finished", "recorded")
+    done_before = [c.id for c in selected if status[c.id] in done]
+    todo = [c for c in selected if status[c.id] not in done]
     summary: dict[str, Any] = {"out": str(outp), "cells": [c.id for c in selected], "finished_before": done_before,
                                "ran": [], "errors": []}
     if dry_run:
@@ -752,7 +778,9 @@ def _run_selected(sweep: Sweep, outp: Path, selected: list[Cell], workers: int, 
         for c in selected:
             extra = " ".join(f"{k}={_fmt(v)}" for k, v in c.params.items())
             echo(f"{status[c.id]:<20} {c.kind:<9} {c.id:<{w}}  {extra}")
-        echo(f"{len(selected)} cells in {outp}: {len(done_before)} finished, {len(todo)} to run")
+        n_rec = sum(status[c.id] == "recorded" for c in selected)
+        rec = f" ({n_rec} recorded in results.csv)" if n_rec else ""
+        echo(f"{len(selected)} cells in {outp}: {len(done_before)} finished{rec}, {len(todo)} to run")
         return summary
     outp.mkdir(parents=True, exist_ok=True)
     run = {"id": uuid.uuid4().hex[:12], "command": command or "locosnn bench " + " ".join(sys.argv[1:]),
@@ -834,7 +862,10 @@ def add_parser(sub: Any) -> None:
                        description="Run every cell of the grids in CONFIG that is not finished yet. Each cell "
                                    "writes into OUT/cells/<id>/; OUT/results.csv (one tidy table of all finished "
                                    "cells) and OUT/meta.json (command, config, git SHA, versions, machine) are kept "
-                                   "up to date. Rerunning skips finished cells and resumes interrupted ones.",
+                                   "up to date. Rerunning skips finished cells and resumes interrupted ones. "
+                                   "A cell whose rows are in OUT/results.csv but that has no directory here (a "
+                                   "fresh clone: only the aggregate table is committed) counts as finished; "
+                                   "--fresh reruns those.",
                        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", metavar="CONFIG", help="sweep config file (.toml, .yaml or .yml)")
     p.add_argument("--out", help="output directory (default: the config's `out`)")
@@ -848,7 +879,11 @@ def add_parser(sub: Any) -> None:
                    help="local processes (default) or Ray tasks")
     p.add_argument("--address", help="Ray cluster address (e.g. auto or ray://host:10001); default: a local instance")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
-                   help="list the cells with their status (finished / partial / pending / error) and run nothing")
+                   help="list the cells with their status (finished / recorded / partial / pending / error) and "
+                        "run nothing")
+    p.add_argument("--fresh", action="store_true",
+                   help="also rerun the cells recorded only in OUT/results.csv (no cell directory here), e.g. to "
+                        "regenerate a committed benchmark on this machine; their rows are replaced as they finish")
     p.add_argument("--only", action="append", metavar="GRIDNAME",
                    help="run only this grid (repeatable, or comma-separated)")
     p.set_defaults(func=cmd_bench)
@@ -865,6 +900,8 @@ def _command_line(args: argparse.Namespace, only: Optional[list[str]]) -> str:
         parts += ["--engine", args.engine]
     if only:
         parts += ["--only", ",".join(only)]
+    if args.fresh:
+        parts.append("--fresh")
     return " ".join(parts)
 
 
@@ -876,7 +913,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         workers = 0 if args.engine == "ray" else max(1, (os.cpu_count() or 1) // max(1, args.threads))
     try:
         res = run_sweep(args.config, out=args.out, workers=workers, threads=args.threads, engine=args.engine,
-                        address=args.address, only=only, dry_run=args.dry_run, command=_command_line(args, only))
+                        address=args.address, only=only, dry_run=args.dry_run, command=_command_line(args, only),
+                        fresh=args.fresh)
     except KeyboardInterrupt as e:
         print("interrupted: the workers are stopped; finished cells are kept; rerun the same command to resume "
               "the others", file=sys.stderr)

@@ -73,7 +73,7 @@ class SFDFA(FeedbackRule):
     """Spiking forward DFA with learned feedback and exact local eligibility (see module doc).
 
     eta_b: moving-average rate of B per sample (default 0.001, chosen on validation accuracy in
-        benchmarks/loco/sfdfa_tuning: 84.0% against 81.9% at 0.01 and 77.9% at 0.1).
+        the sfdfa grid of benchmarks/tuning.toml, docs/history.md: 84.0% against 81.9% at 0.01 and 77.9% at 0.1).
     eligibility: "exact" (reset path included) or "ottt" (no reset path).
     online: True carries the eligibility forward per synapse (the authors' structure, O(B n_l n_in)
         state, flat in T); False (default) stores per-neuron factors and contracts them in a
