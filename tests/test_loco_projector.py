@@ -33,7 +33,7 @@ from locosnn.errors import LocosnnError
 from locosnn.network import SpikingNetwork
 from locosnn.rules import make_rule
 from locosnn.diagnostics import rule_update
-from locosnn.rules.projector import (fast_loco_basis, fast_orthonormalise, gram_schmidt_loop, kmeans, kmeans_vectorised,
+from locosnn.rules.projector import (fast_loco_basis, fast_orthonormalise, gram_schmidt_loop, kmeans, kmeans_vectorised, nearest,
                                      loco_basis, orthonormal, project)
 
 
@@ -249,6 +249,42 @@ def test_fast_basis_spans_the_reference_subspace():
     # negative control: a basis of other inputs does not span the same subspace
     other = fast_loco_basis(torch.rand(40, 60, generator=g), 8, None)
     assert _cosines(loco_basis(torch.rand(40, 60, generator=g), 8, None), other).min() < 0.9
+
+
+def test_fast_basis_at_locos_own_sizes_matches_the_reference():
+    """n = 128 rows of d = 785 inputs, rank 110 (LOCO's defaults): the coefficient-space orthonormalisation
+    (row_space_basis) gives the reference projector to rounding, with and without protected directions,
+    including a protected direction close to the batch mean (the drop rule then drops a column)."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.cat([(torch.rand(128, 784, generator=g) < 0.2).float() * torch.rand(128, 784, generator=g),
+                   torch.ones(128, 1)], 1)
+    for excluded in (None, torch.rand(6, 785, generator=g),
+                     torch.cat([X.mean(0, keepdim=True) + 0.001 * torch.rand(1, 785, generator=g), X[:4]])):
+        ref, fast = loco_basis(X, 110, excluded), fast_loco_basis(X, 110, excluded)
+        assert ref.shape == fast.shape and fast.dtype == X.dtype
+        assert (fast.T @ fast - torch.eye(fast.shape[1])).abs().max() < 1e-5
+        assert (ref.double() @ ref.double().T - fast.double() @ fast.double().T).abs().max() < 1e-5
+    # negative control: another batch's basis is a different projector
+    other = fast_loco_basis(torch.rand(128, 785, generator=g), 110, None)
+    assert (ref.double() @ ref.double().T - other.double() @ other.double().T).abs().max() > 0.1
+
+
+def test_vectorised_kmeans_stops_at_a_fixed_point_bit_identically():
+    """Stopping once the assignment repeats gives exactly the result of running every iteration."""
+    import torch.nn.functional as F
+
+    def lloyd(X, C, iters):  # no early stop
+        for _ in range(iters):
+            A = F.one_hot(nearest(X, C), C.shape[0]).to(X.dtype)
+            counts = A.sum(0)
+            C = torch.where(counts[:, None] > 0, (A.T @ X) / counts.clamp_min(1)[:, None], C)
+        return C
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.cat([torch.randn(100, 20, generator=g) + 3 * torch.eye(20)[i % 4] for i in range(4)])
+    for iters in (1, 3, 10, 30):
+        init = X[:6].clone()
+        assert torch.equal(kmeans_vectorised(X, 6, iters, init=init), lloyd(X, init, iters))
 
 
 def test_vectorised_kmeans_equals_the_loop():

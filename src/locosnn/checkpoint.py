@@ -23,11 +23,26 @@ def _umask() -> int:
     return mask
 
 
+def _block_interrupts() -> Any:
+    """Block SIGINT and SIGTERM for this thread; returns the previous mask (None where unsupported)."""
+    import signal
+    try:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def atomic_write_bytes(path: str | Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = None
+    mask = _block_interrupts()  # a signal between creating the temporary file and knowing its name would leak it
     try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        if mask is not None:  # a pending Ctrl-C / SIGTERM is delivered here, where the handler below sees tmp
+            import signal
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            mask = None
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file a normal file's mode
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -35,9 +50,13 @@ def atomic_write_bytes(path: str | Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        if mask is not None:
+            import signal
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -63,8 +63,11 @@ How the projector is computed and how often (ours, behind flags; the defaults ar
   with the memory full, this costs about as much as the NP step itself (``benchmarks/step_time.py``):
   k-means over the memory, the principal directions and the Gram-Schmidt loop, not the projection.
 * ``projector="fast"``: the same projector, computed fast: ``fast_loco_basis`` (the same subspace
-  and drop rule; Cholesky factorisations in float64 on r x r matrices, the d x r products in the
-  network's dtype), ``kmeans_vectorised``, and the projection fused into NP's estimate: for a fully
+  and drop rule; for a batch no larger than the input dimension the orthonormalisation runs in
+  the coefficient space of the batch's rows, ``row_space_basis``: the eigenproblem of the n x n
+  Gram in the network's dtype, the drop rule's Cholesky factorisations in float64 on r x r
+  matrices, one d x n product to form Q), ``kmeans_vectorised`` (stopped at its fixed point, which
+  gives the result of every iteration bit for bit), and the projection fused into NP's estimate: for a fully
   connected layer G P = E^T ((X Q) Q^T) from the eligibilities E and inputs X of all T steps, which
   skips the n_out x d x TB product E^T X whenever that is cheaper (it is on the 500-wide layers:
   r = 110 < d). Equal to ``"batch"`` up to float rounding (tested per step, not bit for bit).
