@@ -37,7 +37,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -302,13 +301,10 @@ def time_group(names: list[str], depth: int, device: torch.device, repeats: int,
 
 # -- provenance -----------------------------------------------------------------------------------
 def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
+    """HEAD's SHA with -dirty for changed code or configs (benchmark outputs do not count: locosnn's rule)."""
+    from locosnn.provenance import git_sha as sha
+
+    return sha(ROOT)
 
 
 def machine(device: torch.device) -> str:
