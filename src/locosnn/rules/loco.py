@@ -80,8 +80,8 @@ How the projector is computed and how often (ours, behind flags; the defaults ar
   rebuild would make; k-means, the exclusion test and ``drop_mean``'s mean wait for the
   rebuild). Between rebuilds the update is projected on an earlier batch's low-rank subspace:
   on a stationary stream its leading directions are the current batch's (tested with principal
-  angles), its weakest ones are not (one 6-epoch run each: N = 10 ended 1.1 points and N = 2 with
-  ``"fast"`` 0.8 below the paper's projector; ``docs/rules.md``).
+  angles), its weakest ones are not (6-epoch runs: N = 10 ended 1.1 points below the paper's
+  projector (one seed), N = 2 with ``"fast"`` 0.7 below (5 seeds); ``docs/rules.md``).
 
 ``projector_every=1, kmeans_every=1, projector="batch"`` is the paper's projector bit for bit;
 with any of them changed the step counter (and Q_l when N > 1) is rule state (checkpointed).
