@@ -65,6 +65,7 @@ ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
     "loco-faithful-fast": ("loco", {**LOCO_FAITHFUL, **FAST}),
     "loco-faithful-cheap": ("loco", {**LOCO_FAITHFUL, **CHEAP}),
     "loco-faithful-fast-k1": ("loco", {**LOCO_FAITHFUL, "projector": "fast"}),
+    "loco-faithful-cheap-k1": ("loco", {**LOCO_FAITHFUL, "projector": "fast", "projector_every": 2}),
     "loco-faithful-every10": ("loco", {**LOCO_FAITHFUL, "projector_every": 10}),
     "fa": ("fa", {}),
     "dfa": ("dfa", {}),
@@ -75,7 +76,7 @@ ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: the entries timed at depth 10 by default (every rule at depth 2)
 DEEP_ENTRIES = ("bptt", "snntorch-bptt", "np", "loco", "loco-fast", "loco-cheap", "loco-faithful", "loco-faithful-fast",
-                "loco-faithful-cheap", "loco-faithful-fast-k1")
+                "loco-faithful-cheap", "loco-faithful-fast-k1", "loco-faithful-cheap-k1")
 T, BATCH, WIDTH = 8, 128, 500
 
 
@@ -363,7 +364,7 @@ def write_md(path: Path, meta: dict, groups: dict[str, dict[str, dict]]) -> None
               "rebuilt every batch by the reference code); `-fast` = the same projector computed fast "
               "(`projector=\"fast\", kmeans_every=10`: fast basis, vectorised k-means every 10th batch, projection fused "
               "into the estimate, basis still rebuilt every batch); `-cheap` = `-fast` with `projector_every=2` (the "
-              "basis rebuilt every 2nd batch); `-fast-k1` = the fast projector with k-means every batch; `-every10` = the reference projector rebuilt every 10th batch. "
+              "basis rebuilt every 2nd batch); `-fast-k1` = the fast projector with k-means every batch; `-cheap-k1` = the basis rebuilt every 2nd batch with k-means at every rebuild; `-every10` = the reference projector rebuilt every 10th batch. "
               "LOCO's cluster memories are filled to capacity before timing (the steady state of a run). "
               "Settings of every rule as in benchmarks/sweep.toml; OWM with SGD (momentum 0.9), the others Adam. "
               "SAL's step is FA's (its alignment phase runs once per epoch).", ""]
