@@ -65,6 +65,7 @@ results:
 # deep networks (docs/deep.md): resumable; the D = 10 grids with 3 seeds take about 1.5 h on 2 cores,
 # the ablation and depth grids several more hours
 bench-deep:
+	$(BIN)/python benchmarks/init_rates.py
 	$(BIN)/python benchmarks/deep_diag.py
 	$(BIN)/locosnn bench benchmarks/deep.toml --workers 2 --only deep_d10,deep_d10_seeds,deep_d10_seeds_more,deep_d10_seeds_local $(FRESH)
 	$(BIN)/python benchmarks/deep_probes.py

@@ -30,7 +30,8 @@ def main() -> None:
     root = Path(args.dir)
     grids = args.grids.split(",")
     rows = []
-    for cell in sorted((root / "cells").iterdir()):
+    cells = sorted((root / "cells").iterdir()) if (root / "cells").is_dir() else []
+    for cell in cells:
         meta = json.loads((cell / "cell.json").read_text()) if (cell / "cell.json").exists() else {}
         if meta.get("grid") not in grids or not (cell / "result.json").exists() or not (cell / "checkpoint.pt").exists():
             continue
@@ -40,9 +41,11 @@ def main() -> None:
                      "init": res["init"]["probe_acc"], "trained": res["trained"]["probe_acc"],
                      "rate": res["trained"]["rate"]})
         print(cell.name, [round(a, 3) for a in res["trained"]["probe_acc"]], flush=True)
-    (root / "probes.json").write_text(json.dumps({"git_sha": git_sha(), "rows": rows}, indent=1))
-    if not rows:
+    if not rows:  # a fresh clone keeps results.csv, not the cells' checkpoints: keep the recorded probes
+        print(f"no finished cell of {args.grids} has its checkpoint in {root}/cells: {root}/probes.json left as it "
+              "is (the cells must run here first, e.g. make bench-deep FRESH=--fresh)")
         return
+    (root / "probes.json").write_text(json.dumps({"git_sha": git_sha(), "rows": rows}, indent=1))
     L = len(rows[0]["trained"])
     lines = ["# Linear probes of the hidden layers, trained vs at initialisation", "",
              f"`python benchmarks/deep_probes.py --grids {args.grids}` at {git_sha()}: ridge probe on the "
