@@ -57,7 +57,12 @@ def cmd_sal_demo(args: argparse.Namespace) -> int:
                 "initial_gap": rs[0]["initial_gap"],
                 "final_gap_mean": sum(r["final"]["gap"] for r in rs) / len(rs),
                 "final_gap_max": max(r["final"]["gap"] for r in rs)}
-    (out / "demo.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
+    import sys
+
+    from .provenance import git_sha, versions
+    meta = {"command": "locosnn " + " ".join(sys.argv[1:]) if sys.argv[1:] else "locosnn sal-demo",
+            "git_sha": git_sha(), "versions": versions()}
+    (out / "demo.json").write_text(json.dumps({**meta, "summary": summary, "runs": runs}, indent=1))
     _plot_demo(runs, modes, out / "demo.png")
     parts = [f"{k}: gap {v['initial_gap']:.2f} -> {v['final_gap_mean']:.3f}" for k, v in summary.items()]
     print(f"sal-demo ({args.seeds} seeds, {args.steps} steps): " + "; ".join(parts) + f"  [{out}/demo.json, demo.png]")
