@@ -44,7 +44,7 @@ bench-sal:
 # every number README.md, RESULTS.md and docs/ quote, then the pages: about 8 hours on 2 cores
 # with FRESH=--fresh (sweep ~1 h, g2p ~25 min, projector ~25 min, deep ~4.5 h, tuning ~1.3 h,
 # the 20-epoch deep_d10_long grid included, step time a few minutes); resumable
-bench: bench-sweep bench-g2p bench-projector bench-deep bench-tuning bench-step-time results
+bench: bench-sweep bench-g2p bench-projector bench-deep bench-tuning bench-sal bench-step-time results
 bench-all: bench
 
 # the evidence sweep (accuracy, depth, continual learning, cost): about 1 hour on 2 cores
