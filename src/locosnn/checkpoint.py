@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -23,11 +24,10 @@ def _umask() -> int:
     return mask
 
 
-def _block_interrupts() -> Any:
-    """Block SIGINT and SIGTERM for this thread; returns the previous mask (None where unsupported)."""
-    import signal
+def _sigmask(how: int, signals: Any) -> Any:
+    """``signal.pthread_sigmask`` for this thread; returns the previous mask (None where unsupported)."""
     try:
-        return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        return signal.pthread_sigmask(how, signals)
     except (AttributeError, ValueError, OSError):
         return None
 
@@ -36,12 +36,13 @@ def atomic_write_bytes(path: str | Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
-    mask = _block_interrupts()  # a signal between creating the temporary file and knowing its name would leak it
+    # a signal between creating the temporary file and knowing its name would leak it: block SIGINT and
+    # SIGTERM until mkstemp has returned
+    mask = _sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         if mask is not None:  # a pending Ctrl-C / SIGTERM is delivered here, where the handler below sees tmp
-            import signal
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            _sigmask(signal.SIG_SETMASK, mask)
             mask = None
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file a normal file's mode
         with os.fdopen(fd, "wb") as f:
@@ -55,8 +56,7 @@ def atomic_write_bytes(path: str | Path, write) -> None:
         raise
     finally:
         if mask is not None:
-            import signal
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            _sigmask(signal.SIG_SETMASK, mask)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LocosnnError
+from .provenance import git_sha, versions
 from .rules.sal_sim import KERNELS, PAIRINGS, PSPS, sal_phase, stdp_kernel, two_neuron_demo
 
 __all__ = ["KERNELS", "PAIRINGS", "PSPS", "add_parser", "cmd_sal_demo", "sal_phase", "stdp_kernel", "two_neuron_demo"]
@@ -57,11 +58,9 @@ def cmd_sal_demo(args: argparse.Namespace) -> int:
                 "initial_gap": rs[0]["initial_gap"],
                 "final_gap_mean": sum(r["final"]["gap"] for r in rs) / len(rs),
                 "final_gap_max": max(r["final"]["gap"] for r in rs)}
-    import sys
-
-    from .provenance import git_sha, versions
-    meta = {"command": "locosnn " + " ".join(sys.argv[1:]) if sys.argv[1:] else "locosnn sal-demo",
-            "git_sha": git_sha(), "versions": versions()}
+    command = (f"locosnn sal-demo --out {args.out} --seeds {args.seeds} --steps {args.steps} --mode {args.mode} "
+               f"--chains {kw['chains']} --kernel {kw['kernel']}")  # from the arguments, as bench's _command_line
+    meta = {"command": command, "git_sha": git_sha(), "versions": versions()}
     (out / "demo.json").write_text(json.dumps({**meta, "summary": summary, "runs": runs}, indent=1))
     _plot_demo(runs, modes, out / "demo.png")
     parts = [f"{k}: gap {v['initial_gap']:.2f} -> {v['final_gap_mean']:.3f}" for k, v in summary.items()]

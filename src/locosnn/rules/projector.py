@@ -336,7 +336,7 @@ def row_space_basis(X: torch.Tensor, r: int, C: Optional[torch.Tensor], tol: flo
     Xc = X - mean
     q = min(r - 1, n, d)
     Kx = Xc @ Xc.T  # n x n
-    K = Kx.double()
+    f64 = {"dtype": torch.float64, "device": X.device}  # the small algebra
     if r > 1 and n > 1 and q > 0:
         # the eigenproblem in X's dtype (float32: ~30% faster at n = 128, the subspace equal to ~1e-6)
         evals, U = torch.linalg.eigh(Kx)
@@ -345,20 +345,20 @@ def row_space_basis(X: torch.Tensor, r: int, C: Optional[torch.Tensor], tol: flo
         keep = S > S[0] * 1e-6
         Us = U / S if bool(keep.all()) else U[:, keep] / S[keep]  # n x p: v_j = Xc^T Us[:, j]
     else:
-        Us = K.new_zeros(n, 0)
+        Us = torch.zeros(n, 0, **f64)
     p = Us.shape[1]
     m64 = mean.double()
     mnorm = m64.norm() + 1e-12
     xm = (Xc @ mean).double() / mnorm  # Xc v_0 (n)
-    G = K.new_empty(p + 1, p + 1)  # V^T V
+    G = torch.empty(p + 1, p + 1, **f64)  # V^T V
     G[0, 0] = (m64 @ m64) / mnorm ** 2
     G[0, 1:] = G[1:, 0] = xm @ Us
     Usx = Us.to(X.dtype)
     G[1:, 1:] = (Usx.T @ (Kx @ Usx)).double()  # = I up to rounding: the column norms the reference divides by
     norms = G.diagonal().clamp_min(0).sqrt() + 1e-12  # the reference scales every column to unit norm
     G = G / norms[:, None] / norms[None, :]
-    B = torch.cat([K.new_zeros(n, 1), Us], 1) / norms  # V = Xc^T B + v_0 b_0^T
-    b0 = K.new_zeros(p + 1)
+    B = torch.cat([torch.zeros(n, 1, **f64), Us], 1) / norms  # V = Xc^T B + v_0 b_0^T
+    b0 = torch.zeros(p + 1, **f64)
     b0[0] = 1.0 / norms[0]
     RtR = G
     A = None
