@@ -249,6 +249,49 @@ def test_row_norm_projection_keeps_each_neurons_weight_norm():
     assert float(b.detach().abs().sum()) > 0  # zero-initialised biases move (the floor)
 
 
+def test_bias_step_floor_is_fixed_where_relative_grows_geometrically():
+    """A bias whose estimate keeps a component along itself: the relative step multiplies its norm by
+    (1 + lr) per step (geometric growth: what diverged the deep recipe on a 20-epoch schedule), the
+    floor step adds a fixed lr * floor * sqrt(n) (linear growth at most). Weights step relatively in both."""
+    n, lr, steps = 10, 0.05, 60
+    out = {}
+    for mode in ("relative", "floor"):
+        b = torch.nn.Parameter(torch.full((n,), 0.5))
+        w = torch.nn.Parameter(torch.ones(3, 4))
+        opt = NormalizedMomentum([w, b], lr=lr, momentum=0.0, bias_step=mode)
+        w.grad = torch.ones(3, 4)
+        b.grad = -b.detach().clone()  # descent direction = +b: outward
+        w0 = w.detach().clone()
+        b0 = b.detach().clone()
+        opt.step()
+        out[mode, "first"] = float((b.detach() - b0).norm())
+        assert abs(float((w.detach() - w0).norm() / w0.norm()) - lr) < 1e-6  # weights: relative either way
+        for _ in range(steps - 1):
+            b.grad = -b.detach().clone()
+            opt.step()
+        out[mode] = float(b.detach().norm())
+    b_norm0 = 0.5 * n ** 0.5
+    assert abs(out["relative", "first"] - lr * b_norm0) < 1e-6
+    assert abs(out["floor", "first"] - lr * 1e-2 * n ** 0.5) < 1e-7
+    assert abs(out["relative"] - b_norm0 * (1 + lr) ** steps) < 1e-3 * out["relative"]
+    assert abs(out["floor"] - (b_norm0 + steps * lr * 1e-2 * n ** 0.5)) < 1e-5
+    with pytest.raises(ValueError, match="bias_step"):
+        NormalizedMomentum([b], bias_step="own")
+
+
+def test_bias_step_is_a_run_setting_for_nmom_only():
+    from locosnn import TrainConfig
+    from locosnn.errors import LocosnnError
+    from locosnn.factory import build_network, build_optimizer
+    cfg = TrainConfig(rule="np", dataset="digits", arch="64-16-10", optimizer="nmom", bias_step="floor").validate()
+    opt = build_optimizer(cfg, build_network(cfg))
+    assert all(g["bias_step"] == "floor" for g in opt.param_groups)
+    with pytest.raises(LocosnnError, match="nmom only"):
+        TrainConfig(rule="np", optimizer="adam", bias_step="floor").validate()
+    with pytest.raises(LocosnnError, match="bias_step"):
+        TrainConfig(rule="np", optimizer="nmom", bias_step="own").validate()
+
+
 # -- init and diagnostics ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,7 @@ WHAT, NETWORK, OPTIM, OUTPUT = "what to train", "network", "optimisation", "run 
 def _flag_specs(d: Any, overrides: Optional[dict[str, str]] = None) -> dict[str, tuple[str, list[str], dict[str, Any]]]:
     """field of the config schema -> (help group, flag names, add_argument keywords) for every field that has
     more to say than a generic flag; ``overrides``: field -> help text replacing the usual one."""
-    from .config import DTYPES, ENCODERS, INITS, LOSSES, NEURONS, OPTIMIZERS, READOUTS, SURROGATES
+    from .config import BIAS_STEPS, DTYPES, ENCODERS, INITS, LOSSES, NEURONS, OPTIMIZERS, READOUTS, SURROGATES
     from .data import DATASETS
     from .rules import RULES
 
@@ -139,6 +139,10 @@ def _flag_specs(d: Any, overrides: Optional[dict[str, str]] = None) -> dict[str,
         "optimizer": (OPTIM, ["--optimizer"], dict(choices=OPTIMIZERS, help=h(
             "optimizer", "optimiser: adam, sgd (momentum 0.9) or nmom (per-layer normalised momentum with per-neuron "
                          "weight-norm projection, for NP/LOCO on deep nets)", d.optimizer))),
+        "bias_step": (OPTIM, ["--bias-step"], dict(choices=BIAS_STEPS, help=h(
+            "bias_step", "nmom only: how a bias steps; relative (lr of its own norm, like a weight) or floor (a fixed "
+                         "lr x 0.01 x sqrt(n) step; a relative step has no weight-norm projection to hold it and can "
+                         "grow the bias geometrically on long schedules, docs/deep.md)", d.bias_step))),
         "weight_decay": (OPTIM, ["--weight-decay"], dict(metavar="WD", help=h("weight_decay", "weight decay, >= 0",
                                                                               d.weight_decay))),
         "loss": (OPTIM, ["--loss"], dict(choices=LOSSES, help=h("loss", "loss on the readout", d.loss))),

@@ -28,6 +28,7 @@ from .losses import LOSSES
 from .network import INITS, READOUTS
 from .neurons import NEURON_MODELS as NEURONS
 from .neurons import RESETS, SURROGATES
+from .optim import BIAS_STEPS  # how nmom steps a bias (the --bias-step choices)
 
 if TYPE_CHECKING:
     import torch
@@ -200,6 +201,7 @@ class TrainConfig:
     readout_lr: float | None = None  # the output layer's learning rate (None: lr)
     lr_schedule: str = "constant"  # "constant" or "cosine" (per epoch, from lr to 0 over the run's epochs)
     optimizer: str = "adam"
+    bias_step: str = "relative"  # nmom only: how a bias steps, "relative" (to its own norm) or "floor" (fixed)
     weight_decay: float = 0.0
     T: int = 8
     encoder: str = "direct"
@@ -247,6 +249,8 @@ class TrainConfig:
                                "e.g. 784-500-500-10, 784-500x10-10 or 1x28x28-c16k5s2-10)")
         if self.optimizer not in OPTIMIZERS:
             raise LocosnnError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.bias_step != "relative" and self.optimizer != "nmom":
+            raise LocosnnError(f"bias_step={self.bias_step!r} applies to --optimizer nmom only (got {self.optimizer})")
         clash = sorted({"loss", "seed"} & set(self.rule_args))
         if clash:
             raise LocosnnError(f"rule_args may not set {', '.join(clash)}: use the run's own --{clash[0]} setting")
@@ -269,6 +273,7 @@ FIELDS: dict[str, tuple[Callable[[Any], Any], Optional[Callable[[Any], bool]], s
     "readout_lr": (_optional(parse_float), lambda v: v > 0, "> 0 (or unset: lr)"),
     "lr_schedule": (parse_str, *_choice(("constant", "cosine"))),
     "optimizer": (parse_str, None, ""),  # membership in OPTIMIZERS, checked in validate()
+    "bias_step": (parse_str, *_choice(BIAS_STEPS)),
     "weight_decay": (parse_float, lambda v: v >= 0, ">= 0"),
     "T": (parse_int, lambda v: v >= 1, ">= 1"),
     "encoder": (parse_str, *_choice(ENCODERS)),

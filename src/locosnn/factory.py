@@ -75,5 +75,6 @@ def build_optimizer(cfg: TrainConfig, net: SpikingNetwork) -> torch.optim.Optimi
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "nmom":
         from .optim import NormalizedMomentum
-        return NormalizedMomentum(params, lr=cfg.lr, momentum=0.9, row_norm=True, weight_decay=cfg.weight_decay)
+        return NormalizedMomentum(params, lr=cfg.lr, momentum=0.9, row_norm=True, weight_decay=cfg.weight_decay,
+                                  bias_step=cfg.bias_step)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)

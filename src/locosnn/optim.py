@@ -24,18 +24,23 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+#: how a 1-d tensor (a bias) steps; see the module docstring
+BIAS_STEPS: tuple[str, ...] = ("relative", "floor")
+
 
 class NormalizedMomentum(torch.optim.Optimizer):
     """Per-tensor normalised momentum step; see the module docstring."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, floor: float = 1e-2,
-                 row_norm: bool = False, weight_decay: float = 0.0) -> None:
+                 row_norm: bool = False, weight_decay: float = 0.0, bias_step: str = "relative") -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if bias_step not in BIAS_STEPS:
+            raise ValueError(f"bias_step must be one of {', '.join(BIAS_STEPS)}, got {bias_step!r}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         super().__init__(params, dict(lr=lr, momentum=momentum, floor=floor, row_norm=row_norm,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, bias_step=bias_step))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -60,7 +65,10 @@ class NormalizedMomentum(torch.optim.Optimizer):
                 mn = m.norm()
                 if float(mn) == 0.0:
                     continue
-                scale = torch.clamp(p.norm(), min=group["floor"] * p.numel() ** 0.5)
+                if p.dim() == 1 and group.get("bias_step", "relative") == "floor":
+                    scale = group["floor"] * p.numel() ** 0.5
+                else:
+                    scale = torch.clamp(p.norm(), min=group["floor"] * p.numel() ** 0.5)
                 p.add_(m, alpha=-float(group["lr"] * scale / mn))
                 if "row_norm" in st:
                     rows = p.flatten(1)

@@ -59,7 +59,7 @@ DEFAULT_ARCH = "784-500-500-10"
 #: columns that describe a cell rather than measure it
 SETTING_COLUMNS = {
     "grid", "cell", "kind", "rule_name", "status", "rule", "arch", "depth", "width", "T", "seed", "lr", "epochs",
-    "dataset", "batch_size", "optimizer", "weight_decay", "encoder", "neuron", "beta", "theta", "surrogate", "slope",
+    "dataset", "batch_size", "optimizer", "bias_step", "weight_decay", "encoder", "neuron", "beta", "theta", "surrogate", "slope",
     "readout", "init", "init_gain", "loss", "data_dir", "val_size", "limit", "align_every", "rule_args", "config_id",
     "params", "git_sha", "wall_s", "source", "stream", "n_tasks", "replay", "eval", "epoch", "after_task",
     "eval_task", "mode", "acc",
