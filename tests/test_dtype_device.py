@@ -45,6 +45,7 @@ CASES = [(name, SMALL.get(name, {})) for name in sorted(RULES)] + [
     ("loco", {**SMALL["loco"], "variant": "faithful", "drop_mean": True}),
     ("loco", {**SMALL["loco"], "projector_every": 2}),
     ("loco", {**SMALL["loco"], "projector": "fast", "kmeans_every": 2}),
+    ("loco", {**SMALL["loco"], "projector": "fast", "incremental_kmeans": True}),
     ("opzo", {"clean_reference": True}),
     ("sfdfa", {"online": True, "b_init": "random"}),
     ("owm", {"update": "task"}),

@@ -33,7 +33,7 @@ from locosnn.errors import LocosnnError
 from locosnn.network import SpikingNetwork
 from locosnn.rules import make_rule
 from locosnn.diagnostics import rule_update
-from locosnn.rules.projector import (fast_loco_basis, fast_orthonormalise, gram_schmidt_loop, kmeans, kmeans_vectorised, nearest,
+from locosnn.rules.projector import (ClusterMemory, fast_loco_basis, fast_orthonormalise, gram_schmidt_loop, kmeans, kmeans_vectorised, nearest,
                                      loco_basis, orthonormal, project)
 
 
@@ -171,7 +171,9 @@ def test_reused_subspace_stays_close_to_the_fresh_one_on_a_stationary_stream():
 
 
 @pytest.mark.parametrize("variant,opts", [("sample", {"projector_every": 3}), ("faithful", {"projector_every": 3}),
-                                          ("sample", {"projector": "fast", "kmeans_every": 3, "projector_every": 2})])
+                                          ("sample", {"projector": "fast", "kmeans_every": 3, "projector_every": 2}),
+                                          ("faithful", {"projector": "fast", "incremental_kmeans": True,
+                                                        "projector_every": 2})])
 def test_checkpoint_resume_is_exact(digits, variant, opts):
     kw = dict(rank=8, k=3, memory=64, per_batch=8, seed=4, variant=variant, **opts)
     straight = _weights(_train(make_rule("loco", **kw), digits, 10)[0])
@@ -210,6 +212,8 @@ def test_per_batch_state_dict_is_unchanged():
 def test_bad_projector_settings_are_clear_errors():
     with pytest.raises(LocosnnError, match="projector"):
         make_rule("loco", projector="sometimes")
+    with pytest.raises(LocosnnError, match="incremental_kmeans needs projector='fast'"):
+        make_rule("loco", incremental_kmeans=True)
     for name in ("projector_every", "kmeans_every"):
         for bad in (0, -2, 2.5, True):
             with pytest.raises(LocosnnError, match=name):
@@ -347,3 +351,61 @@ def test_kmeans_every_reclusters_on_schedule(digits):
         reclustered.append(step == 0 or any(not torch.equal(b, m.centroids) for b, m in zip(before, rule.memories)))
         assert all(m.batches == step + 1 for m in rule.memories)  # the memory sees every batch
     assert reclustered == [s % 3 == 0 for s in range(7)]
+
+
+# -- incremental k-means ------------------------------------------------------------------------------
+
+def _memory_stream(per_batch, size, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(6, 30, generator=g) * 3
+    for _ in range(steps):
+        yield centres[torch.randint(0, 6, (per_batch,), generator=g)] + torch.randn(per_batch, 30, generator=g)
+
+
+@pytest.mark.parametrize("per_batch", [1, 16])
+def test_incremental_kmeans_follows_the_full_kmeans(per_batch):
+    """The same memory stream (filling, then a ring) through the warm-started k-means of projector="fast" and
+    through IncrementalKMeans: the same centroids at every batch up to rounding, while they keep moving."""
+    full = ClusterMemory(120, 10, 5, vectorised=True)
+    inc = ClusterMemory(120, 10, 5, incremental=True)
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    moved = 0
+    for t, v in enumerate(_memory_stream(per_batch, 120, 300)):
+        before = None if full.centroids is None else full.centroids.clone()
+        full.add(v, ga)
+        inc.add(v, gb)
+        assert full.centroids.shape == inc.centroids.shape
+        assert torch.allclose(full.centroids, inc.centroids, atol=1e-5), (t, float((full.centroids - inc.centroids).abs().max()))
+        moved += int(before is not None and before.shape == full.centroids.shape and not torch.equal(before, full.centroids))
+    assert moved > 250  # liveness: the centroids follow the stream
+    assert inc.cache is not None and inc.items.shape[0] == 120  # the incremental path ran on a full ring
+
+
+def test_incremental_kmeans_needs_its_dirty_rows():
+    """Negative control: a cache that is not told which rows were overwritten drifts from the full k-means."""
+    full = ClusterMemory(60, 10, 5, vectorised=True)
+    inc = ClusterMemory(60, 10, 5, incremental=True)
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    worst = 0.0
+    for t, v in enumerate(_memory_stream(1, 60, 200, seed=3)):
+        full.add(v, ga)
+        inc.push(v)
+        if inc.cache is not None and t > 80:
+            inc.cache.dirty.zero_()  # forget the overwritten row
+        inc.recluster(gb)
+        worst = max(worst, float((full.centroids - inc.centroids).abs().max()))
+    assert worst > 1e-2
+
+
+def test_incremental_kmeans_step_equals_the_fast_step(digits):
+    """LOCO with incremental_kmeans: the same updates as projector="fast" up to rounding, through a full memory."""
+    torch.manual_seed(0)
+    net = SpikingNetwork("64-40-30-10")
+    base = dict(rank=12, k=3, memory=6, seed=7, variant="faithful", projector="fast")
+    a_rule, b_rule = make_rule("loco", **base), make_rule("loco", incremental_kmeans=True, **base)
+    for xs, y in _stream(digits, 10):
+        a = rule_update(a_rule, net, xs, y, restore=False)
+        b = rule_update(b_rule, net, xs, y, restore=False)
+        for u, v in zip(a, b):
+            assert torch.allclose(u, v, rtol=1e-3, atol=1e-4 * float(u.abs().max()))
+    assert all(m.cache is not None for m in b_rule.memories)

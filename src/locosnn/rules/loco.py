@@ -75,6 +75,12 @@ How the projector is computed and how often (ours, behind flags; the defaults ar
   receives every batch; the exclusion test runs every batch on the current centroids). The memory
   changes by one batch mean (faithful) or ``per_batch`` samples (sample) per batch out of
   ``memory`` = 1000, so the centroids move little between re-clusterings.
+* ``incremental_kmeans=True`` (with ``projector="fast"``): the same k-means (the same warm-started
+  Lloyd iterations and stopping rule) without recomputing what did not change since the last
+  batch: the distances of unchanged rows to unchanged centroids and the means of clusters whose
+  members did not change are kept (``projector.IncrementalKMeans``; equal up to rounding, tested).
+  With one new row per batch (faithful) it replaces about three memory x d x k GEMMs per layer by
+  products with the one or two clusters that changed.
 * ``projector_every=N``: the whole basis is rebuilt every N-th batch (the first included) and
   reused in between (the cluster memory still receives every batch, with the same draws a
   rebuild would make; k-means, the exclusion test and ``drop_mean``'s mean wait for the
@@ -112,7 +118,8 @@ class LOCO(NodePerturbation):
     max_rows (conv patch rows used for the basis), projection (False = plain NP), whiten (0 = off;
     > 0: whitening preconditioner inside the subspace with relative damping ``whiten``),
     projector ("batch": reference | "fast": the same projector computed fast), projector_every
-    (rebuild Q every N batches, reuse in between), kmeans_every (re-cluster every M batches)."""
+    (rebuild Q every N batches, reuse in between), kmeans_every (re-cluster every M batches),
+    incremental_kmeans (k-means updating only what changed; with projector="fast")."""
 
     name = "loco"
 
@@ -120,8 +127,13 @@ class LOCO(NodePerturbation):
                  variant: str = "sample", projection: bool = True, min_share: float = 0.05,
                  per_batch: int = 16, max_rows: int = 2048, kmeans_iters: int = 5, window: int = 20,
                  drop_mean: bool = False, whiten: float = 0.0, projector: str = "batch",
-                 projector_every: int = 1, kmeans_every: int = 1, **kw: Any) -> None:
+                 projector_every: int = 1, kmeans_every: int = 1, incremental_kmeans: bool = False,
+                 **kw: Any) -> None:
         super().__init__(**kw)
+        if incremental_kmeans and projector != "fast":
+            raise LocosnnError("incremental_kmeans needs projector='fast' (the reference projector keeps the "
+                               "authors' k-means)")
+        self.incremental_kmeans = bool(incremental_kmeans)
         if projector not in PROJECTORS:
             raise LocosnnError(f"unknown LOCO projector {projector!r}; choose one of {', '.join(PROJECTORS)}")
         for name, v in (("projector_every", projector_every), ("kmeans_every", kmeans_every)):
@@ -194,7 +206,8 @@ class LOCO(NodePerturbation):
             mem.recluster(self.proj_generator)
 
     def new_memory(self) -> ClusterMemory:
-        return ClusterMemory(self.memory_size, self.k, self.kmeans_iters, vectorised=self.projector == "fast")
+        return ClusterMemory(self.memory_size, self.k, self.kmeans_iters, vectorised=self.projector == "fast",
+                             incremental=self.incremental_kmeans)
 
     def projector_basis(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
         """Layer li's Q built from this batch (the cluster memory is updated)."""

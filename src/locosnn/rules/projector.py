@@ -154,14 +154,17 @@ class ClusterMemory:
     """A FIFO memory of up to ``size`` normalised input directions, the batch index
     at which each was stored (``stamps``), and their k-means centroids."""
 
-    def __init__(self, size: int = 1000, k: int = 10, iters: int = 10, vectorised: bool = False) -> None:
+    def __init__(self, size: int = 1000, k: int = 10, iters: int = 10, vectorised: bool = False,
+                 incremental: bool = False) -> None:
         self.size, self.k, self.iters = size, k, iters
-        self.vectorised = vectorised  # k-means by kmeans_vectorised (LOCO's projector="fast")
+        self.vectorised = vectorised or incremental  # k-means by kmeans_vectorised (LOCO's projector="fast")
+        self.incremental = incremental  # ... or by IncrementalKMeans (LOCO's kmeans="incremental")
         self.items: Optional[torch.Tensor] = None
         self.stamps: Optional[torch.Tensor] = None
         self.centroids: Optional[torch.Tensor] = None
         self.batches = 0
         self.pos = 0  # vectorised memory when full: the index of the oldest row (a ring)
+        self.cache: Optional[IncrementalKMeans] = None
 
     def add(self, vecs: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
         """Store ``vecs`` (rows, normalised here) and re-cluster the memory."""
@@ -180,6 +183,7 @@ class ClusterMemory:
         self.batches += 1
         if self.items is None:
             self.items, self.stamps = vecs[-self.size:], stamps[-self.size:]
+            self.cache = None
         elif self.vectorised and self.items.shape[0] == self.size and vecs.shape[0] < self.size:
             # full (projector="fast"): overwrite the oldest rows in place, a ring from self.pos, instead
             # of copying the whole memory every batch; the rows' order differs from the reference FIFO,
@@ -187,13 +191,26 @@ class ClusterMemory:
             idx = (self.pos + torch.arange(vecs.shape[0], device=vecs.device)) % self.size
             self.items[idx], self.stamps[idx] = vecs, stamps
             self.pos = int((self.pos + vecs.shape[0]) % self.size)
+            if self.cache is not None:
+                self.cache.replaced(idx)
         else:
+            n_old = self.items.shape[0]
             self.items = torch.cat([self.items, vecs])[-self.size:]
             self.stamps = torch.cat([self.stamps, stamps])[-self.size:]
             self.pos = 0
+            if self.cache is not None:
+                self.cache.appended(n_old, vecs.shape[0], self.size)
 
     def recluster(self, generator: Optional[torch.Generator] = None) -> None:
         """k-means on the memory, warm-started from the current centroids."""
+        if self.incremental:
+            if self.cache is None or not self.cache.ready(self.items, self.centroids, self.k):
+                self.centroids = kmeans_vectorised(self.items, self.k, self.iters, init=self.centroids,
+                                                   generator=generator)
+                self.cache = IncrementalKMeans.fitted(self.items, self.centroids)
+            else:
+                self.centroids = self.cache.lloyd(self.items, self.centroids, self.iters)
+            return
         fit = kmeans_vectorised if self.vectorised else kmeans
         self.centroids = fit(self.items, self.k, self.iters, init=self.centroids, generator=generator)
 
@@ -215,14 +232,112 @@ class ClusterMemory:
         s = {"items": self.items, "stamps": self.stamps, "centroids": self.centroids, "batches": self.batches}
         if self.pos:
             s["pos"] = self.pos
+        if self.cache is not None:  # so that a resumed run continues bit for bit
+            s["kmeans_cache"] = self.cache.state_dict()
         return s
 
     def load_state_dict(self, s: dict) -> None:
         self.items, self.stamps, self.centroids = s["items"], s.get("stamps"), s["centroids"]
         self.batches = s.get("batches", 0)
         self.pos = int(s.get("pos", 0))
+        self.cache = IncrementalKMeans.from_state(s["kmeans_cache"]) if "kmeans_cache" in s else None
         if self.stamps is None and self.items is not None:
             self.stamps = torch.zeros(self.items.shape[0], dtype=torch.long, device=self.items.device)
+
+
+class IncrementalKMeans:
+    """Lloyd's k-means on a memory that changes by a few rows per batch, without recomputing what did not change.
+
+    :func:`kmeans_vectorised` warm-started from the last centroids C recomputes, per iteration, the distances of
+    every row to every centroid (an n x k x d GEMM) and every mean (another), and needs at least two iterations
+    to see its fixed point: about three n x d x k GEMMs per batch, the largest part of LOCO's projector cost
+    once its memory is full. Here the distances D[i, j] = |c_j|^2 - 2 x_i . c_j to the current centroids and the
+    assignment ``owner`` whose means they are are kept between calls. Then the same iterations cost:
+
+    * the first assignment (rows against the unchanged C): only the new rows' distances (``dirty``); a row that
+      did not change keeps its row of D, which is exact (C is unchanged since D was computed);
+    * a means update: only the clusters whose members changed (a cluster with the same member rows, none of them
+      replaced, has the same mean);
+    * the next assignment: only the columns of D for those clusters (n x d x |changed|).
+
+    It runs the same iterations with the same stopping rule (a repeated assignment, or ``iters``) as
+    :func:`kmeans_vectorised`, so it reaches the same centroids up to rounding (a mean summed over a cluster's
+    rows instead of through the one-hot GEMM, distances computed for a subset of rows or columns); tested."""
+
+    def __init__(self, dist: torch.Tensor, owner: torch.Tensor) -> None:
+        self.dist, self.owner = dist, owner  # (n, k) distances to the current centroids; their assignment (n,)
+        self.dirty = torch.zeros(owner.shape[0], dtype=torch.bool, device=owner.device)
+        # the centroids may not be the means of ``owner`` (a fit stopped by its iteration cap, or rows dropped
+        # from the memory's front): the next call's first means update then recomputes every cluster, as
+        # kmeans_vectorised does
+        self.stale = True
+
+    @classmethod
+    def fitted(cls, X: torch.Tensor, C: torch.Tensor) -> "IncrementalKMeans":
+        """The cache for centroids C on the memory X: the assignment whose means are C, and D.
+        (``kmeans_vectorised`` returns the means of the last assignment it computed; C's own nearest
+        assignment equals it at a fixed point, which it almost always reaches; otherwise the cache's owner
+        is the nearest assignment under C, and the next call's first means update makes C consistent.)"""
+        D = torch.addmm(C.pow(2).sum(1), X, C.T, alpha=-2)
+        return cls(D, D.argmin(1))
+
+    def ready(self, X: Optional[torch.Tensor], C: Optional[torch.Tensor], k: int) -> bool:
+        """Can the next k-means start from this cache (shapes agree; the memory had k rows or more)?"""
+        return (X is not None and C is not None and C.shape[0] == min(k, X.shape[0]) and
+                self.dist.shape == (X.shape[0], C.shape[0]) and self.dist.dtype == X.dtype and
+                self.dist.device == X.device)
+
+    def replaced(self, idx: torch.Tensor) -> None:
+        """Rows ``idx`` of the memory were overwritten (a ring)."""
+        self.dirty[idx] = True
+
+    def appended(self, n_old: int, m: int, size: int) -> None:
+        """m rows were appended to a memory of n_old rows, and the oldest dropped beyond ``size``."""
+        n_new = min(n_old + m, size)
+        drop = n_old + m - n_new
+        fill = lambda t, v: torch.cat([t, t.new_full((m,) + tuple(t.shape[1:]), v)])[drop:]  # noqa: E731
+        self.dist, self.owner, self.dirty = fill(self.dist, 0.0), fill(self.owner, -1), fill(self.dirty, True)
+        self.stale = self.stale or drop > 0  # the dropped rows' clusters lost members we no longer know
+
+    def lloyd(self, X: torch.Tensor, C: torch.Tensor, iters: int) -> torch.Tensor:
+        """``kmeans_vectorised(X, k, iters, init=C)``, incrementally; returns the new centroids."""
+        C = C.clone()
+        D, k = self.dist, C.shape[0]
+        if bool(self.dirty.any()):
+            rows = self.dirty.nonzero().squeeze(1)
+            D[rows] = torch.addmm(C.pow(2).sum(1), X[rows], C.T, alpha=-2)
+        base = self.owner  # the assignment C holds the means of
+        changed_rows = self.dirty.clone()  # rows whose content changed: their old cluster's mean changed too
+        prev = None
+        for _ in range(iters):
+            assign = D.argmin(1)
+            if prev is not None and torch.equal(assign, prev):
+                break
+            prev = assign
+            moved = changed_rows | (assign != base)
+            if self.stale:
+                touched, self.stale = torch.arange(k, device=X.device), False
+            else:
+                touched = torch.unique(torch.cat([assign[moved], base[moved][base[moved] >= 0]]))
+            if touched.numel():
+                A = F.one_hot(assign, k).to(X.dtype)[:, touched]  # (n, |touched|)
+                counts = A.sum(0)
+                means = (A.T @ X) / counts.clamp_min(1)[:, None]
+                C[touched] = torch.where(counts[:, None] > 0, means, C[touched])
+                D[:, touched] = torch.addmm(C[touched].pow(2).sum(1), X, C[touched].T, alpha=-2)
+            base, changed_rows = assign, torch.zeros_like(changed_rows)
+        self.owner = base
+        self.dirty.zero_()
+        return C
+
+    def state_dict(self) -> dict:
+        return {"dist": self.dist, "owner": self.owner, "dirty": self.dirty, "stale": self.stale}
+
+    @classmethod
+    def from_state(cls, s: dict) -> "IncrementalKMeans":
+        c = cls(s["dist"], s["owner"])
+        c.dirty, c.stale = s["dirty"], bool(s.get("stale", True))
+        return c
 
 
 def ordered_cholesky(S: torch.Tensor, tol: float, max_drops: int = 16) -> Optional[tuple[list[int], torch.Tensor]]:
