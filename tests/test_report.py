@@ -294,6 +294,7 @@ def test_best_table_never_picks_a_setting_across_architectures_or_budgets():
     import tempfile
 
     from locosnn.report import Figures, section_best, section_depth
+    pd = pytest.importorskip("pandas")
     df = _tidy([
         ("d10", "a", "x", "np", "784-256x10-10", 10, 256, 8, 0.80, 0.79),
         ("d10", "b", "y", "bptt", "784-256x10-10", 10, 256, 8, 0.83, 0.82),
@@ -308,6 +309,14 @@ def test_best_table_never_picks_a_setting_across_architectures_or_budgets():
     assert got == {("x", "784-256x10-10", "8"): "79.00", ("y", "784-256x10-10", "8"): "82.00",
                    ("x", "784-256x10-10", "20"): "81.00", ("x", "784-500-500-10", "6"): "86.00"}, got
     assert [r[2] for r in rows][:3] == ["784-256x10-10"] * 3  # the chosen architecture comes first
+    # nor a cell trained on more images (a larger ``limit``) for the smaller data budget
+    full = _tidy([("full", "g", "y", "bptt", "784-256x10-10", 10, 256, 8, 0.90, 0.89)])
+    full["limit"], full["config_id"] = 60000, "y-full"
+    sec = section_best(pd.concat([df, full], ignore_index=True), [], arch="784-256x10-10")
+    (header2, rows2, _), = sec.tables
+    assert header2[5] == "limit"
+    got2 = {(r[0], r[4], r[5]): r[9] for r in rows2}
+    assert got2[("y", "8", "1,000")] == "82.00" and got2[("y", "8", "60,000")] == "89.00", got2
     # the depth sweep joins the depth grid with the one-depth headline grid of the same budget
     with tempfile.TemporaryDirectory() as d:
         dep = section_depth(df, [], Figures(pathlib.Path(d)))

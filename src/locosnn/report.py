@@ -706,16 +706,27 @@ def section_best(df, sources, arch: Optional[str] = None) -> Section:
     from .network import arch_depth_width
     default = _default_arch(final, arch)
     swept = {a for fam in _depth_families(final) for a in fam["arch"].astype(str)}
-    budgets = [b for b in final[["arch", "epochs"]].drop_duplicates().astype(str).values.tolist()
+    # the data budget (``limit``: the first N training images) is part of a budget too
+    lim = final["limit"].astype(str) if "limit" in final else final["arch"].astype(str).map(lambda _: "")
+    keyed = final.assign(_limit=lim)
+    budgets = [b for b in keyed[["arch", "epochs", "_limit"]].drop_duplicates().astype(str).values.tolist()
                if b[0] == default or b[0] not in swept]
-    budgets.sort(key=lambda b: (b[0] != default, arch_depth_width(b[0])[0] or 0, b[0], float(b[1] or 0)))
-    for arch, epochs in budgets:
+    budgets.sort(key=lambda b: (b[0] != default, arch_depth_width(b[0])[0] or 0, b[0], float(b[1] or 0),
+                                float(b[2]) if b[2] not in ("", "nan", "None") else float("inf")))
+    several = len({b[2] for b in budgets}) > 1
+    for arch, epochs, limit in budgets:
         for name in sorted(final["rule_name"].unique()):
-            fin = final[(final["rule_name"] == name) & (final["arch"].astype(str) == arch)
-                        & (final["epochs"].astype(str) == epochs)]
+            sel = ((keyed["rule_name"] == name) & (keyed["arch"].astype(str) == arch)
+                   & (keyed["epochs"].astype(str) == epochs) & (keyed["_limit"] == limit))
+            fin = final[sel]
             if len(fin):
-                rows.append(_best_row(name, fin))
+                row = _best_row(name, fin)
+                if several:
+                    row.insert(5, "all" if limit in ("", "nan", "None") else f"{int(float(limit)):,}")
+                rows.append(row)
     header = ["label", "rule", "arch", "lr", "epochs", "rule_args", "seeds", "val acc (%)", "test acc (%)", "grid"]
+    if several:
+        header.insert(5, "limit")
     if "dataset" in final and final["dataset"].nunique() > 1:  # several tasks: say which row is which
         ds = {(str(a), str(e)): str(d) for a, e, d in final[["arch", "epochs", "dataset"]].values}
         header.insert(1, "dataset")
