@@ -67,6 +67,8 @@ ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
     "loco-faithful-fast-k1": ("loco", {**LOCO_FAITHFUL, "projector": "fast"}),
     "loco-faithful-cheap-k1": ("loco", {**LOCO_FAITHFUL, "projector": "fast", "projector_every": 2}),
     "loco-faithful-every10": ("loco", {**LOCO_FAITHFUL, "projector_every": 10}),
+    "loco-faithful-inc": ("loco", {**LOCO_FAITHFUL, "projector": "fast", "incremental_kmeans": True}),
+    "loco-faithful-inc-r64": ("loco", {**LOCO_FAITHFUL, "projector": "fast", "incremental_kmeans": True, "rank": 64}),
     "fa": ("fa", {}),
     "dfa": ("dfa", {}),
     "opzo": ("opzo", {}),
@@ -76,7 +78,8 @@ ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: the entries timed at depth 10 by default (every rule at depth 2)
 DEEP_ENTRIES = ("bptt", "snntorch-bptt", "np", "loco", "loco-fast", "loco-cheap", "loco-faithful", "loco-faithful-fast",
-                "loco-faithful-cheap", "loco-faithful-fast-k1", "loco-faithful-cheap-k1")
+                "loco-faithful-cheap", "loco-faithful-fast-k1", "loco-faithful-cheap-k1", "loco-faithful-inc",
+                "loco-faithful-inc-r64")
 T, BATCH, WIDTH = 8, 128, 500
 
 
