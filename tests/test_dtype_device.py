@@ -135,6 +135,8 @@ def test_float64_matches_float32(name):
 @pytest.mark.parametrize("name,kw", [("fa", {}), ("dfa", {}), ("opzo", {}), ("sfdfa", {"b_init": "random"}),
                                      ("np", DEEP), ("loco", SMALL["loco"]),
                                      ("loco", {**SMALL["loco"], "projector_every": 3}),
+                                     ("loco", {**SMALL["loco"], "projector": "fast", "incremental_kmeans": True,
+                                               "memory": 4}),
                                      ("owm", {})])
 def test_state_follows_a_moved_network(name, kw):
     """State made in float32 (feedback matrices, heads, LOCO's memory) follows net.to(float64)."""

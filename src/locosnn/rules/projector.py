@@ -180,6 +180,7 @@ class ClusterMemory:
             # the network was moved (.to()) after this memory was filled: the memory follows it
             self.items, self.stamps = self.items.to(vecs), self.stamps.to(vecs.device)
             self.centroids = self.centroids.to(vecs) if self.centroids is not None else None
+            self.cache = None  # rebuilt by the next k-means (a full fit)
         self.batches += 1
         if self.items is None:
             self.items, self.stamps = vecs[-self.size:], stamps[-self.size:]
