@@ -47,12 +47,12 @@ examples:
   locosnn train --rule bptt --dataset fashion-mnist --arch 784-500-500-10 --epochs 10 --out runs/bptt
   locosnn train --rule loco --lr 1e-3 --rule-arg sigma=0.5 --rule-arg variant=faithful --out runs/loco
 
-  # loco-deep: LOCO on ten hidden layers (the recipe of docs/deep.md)
-  locosnn train --rule loco --arch 784-256x10-10 --init identity --optimizer nmom --lr 2e-4 \\
+  # loco-deep-floor: LOCO on ten hidden layers (the recipe of docs/deep.md)
+  locosnn train --rule loco --arch 784-256x10-10 --init identity --optimizer nmom --bias-step floor --lr 2e-4 \\
       --readout-lr 1e-2 --lr-schedule cosine --epochs 8 --limit 20000 --rule-arg variant=faithful \\
       --rule-arg temporal=frozen --rule-arg antithetic=true --rule-arg eligibility=activity \\
       --rule-arg sigma=0.1 --rule-arg average=0.99 --rule-arg homeostasis=0.05 \\
-      --rule-arg target_rate=0.2 --rule-arg readout_rule=delta --out runs/loco-deep
+      --rule-arg target_rate=0.2 --rule-arg readout_rule=delta --out runs/loco-deep-floor
 
   locosnn train --config run.toml --out runs/from-file      # run.toml: lr = 1e-3, epochs = 5, ...
   locosnn train --out runs/bptt --resume --epochs 20        # continue a run, here to 20 epochs
