@@ -367,7 +367,7 @@ def write_md(path: Path, meta: dict, groups: dict[str, dict[str, dict]]) -> None
               "rebuilt every batch by the reference code); `-fast` = the same projector computed fast "
               "(`projector=\"fast\", kmeans_every=10`: fast basis, vectorised k-means every 10th batch, projection fused "
               "into the estimate, basis still rebuilt every batch); `-cheap` = `-fast` with `projector_every=2` (the "
-              "basis rebuilt every 2nd batch); `-fast-k1` = the fast projector with k-means every batch; `-cheap-k1` = the basis rebuilt every 2nd batch with k-means at every rebuild; `-every10` = the reference projector rebuilt every 10th batch. "
+              "basis rebuilt every 2nd batch); `-fast-k1` = the fast projector with k-means every batch; `-cheap-k1` = the basis rebuilt every 2nd batch with k-means at every rebuild; `-inc` = the fast projector with k-means every batch computed incrementally (`incremental_kmeans=True`), `-inc-r64` the same at rank 64; `-every10` = the reference projector rebuilt every 10th batch. "
               "LOCO's cluster memories are filled to capacity before timing (the steady state of a run). "
               "Settings of every rule as in benchmarks/sweep.toml; OWM with SGD (momentum 0.9), the others Adam. "
               "SAL's step is FA's (its alignment phase runs once per epoch).", ""]

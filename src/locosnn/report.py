@@ -707,12 +707,12 @@ def section_best(df, sources, arch: Optional[str] = None) -> Section:
     default = _default_arch(final, arch)
     swept = {a for fam in _depth_families(final) for a in fam["arch"].astype(str)}
     # the data budget (``limit``: the first N training images) is part of a budget too
-    lim = final["limit"].astype(str) if "limit" in final else final["arch"].astype(str).map(lambda _: "")
-    keyed = final.assign(_limit=lim)
+    unset = ("", "nan", "None")  # no limit: every training image
+    keyed = final.assign(_limit=final["limit"].astype(str) if "limit" in final else "")
     budgets = [b for b in keyed[["arch", "epochs", "_limit"]].drop_duplicates().astype(str).values.tolist()
                if b[0] == default or b[0] not in swept]
     budgets.sort(key=lambda b: (b[0] != default, arch_depth_width(b[0])[0] or 0, b[0], float(b[1] or 0),
-                                float(b[2]) if b[2] not in ("", "nan", "None") else float("inf")))
+                                float(b[2]) if b[2] not in unset else float("inf")))
     several = len({b[2] for b in budgets}) > 1
     for arch, epochs, limit in budgets:
         for name in sorted(final["rule_name"].unique()):
@@ -722,7 +722,7 @@ def section_best(df, sources, arch: Optional[str] = None) -> Section:
             if len(fin):
                 row = _best_row(name, fin)
                 if several:
-                    row.insert(5, "all" if limit in ("", "nan", "None") else f"{int(float(limit)):,}")
+                    row.insert(5, "all" if limit in unset else f"{int(float(limit)):,}")
                 rows.append(row)
     header = ["label", "rule", "arch", "lr", "epochs", "rule_args", "seeds", "val acc (%)", "test acc (%)", "grid"]
     if several:

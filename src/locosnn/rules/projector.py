@@ -158,7 +158,7 @@ class ClusterMemory:
                  incremental: bool = False) -> None:
         self.size, self.k, self.iters = size, k, iters
         self.vectorised = vectorised or incremental  # k-means by kmeans_vectorised (LOCO's projector="fast")
-        self.incremental = incremental  # ... or by IncrementalKMeans (LOCO's kmeans="incremental")
+        self.incremental = incremental  # ... or by IncrementalKMeans (LOCO's incremental_kmeans=True)
         self.items: Optional[torch.Tensor] = None
         self.stamps: Optional[torch.Tensor] = None
         self.centroids: Optional[torch.Tensor] = None
@@ -315,13 +315,13 @@ class IncrementalKMeans:
             if prev is not None and torch.equal(assign, prev):
                 break
             prev = assign
-            moved = changed_rows | (assign != base)
             if self.stale:
                 touched, self.stale = torch.arange(k, device=X.device), False
             else:
+                moved = changed_rows | (assign != base)
                 touched = torch.unique(torch.cat([assign[moved], base[moved][base[moved] >= 0]]))
             if touched.numel():
-                A = F.one_hot(assign, k).to(X.dtype)[:, touched]  # (n, |touched|)
+                A = (assign[:, None] == touched[None, :]).to(X.dtype)  # (n, |touched|): the touched clusters' one-hot
                 counts = A.sum(0)
                 means = (A.T @ X) / counts.clamp_min(1)[:, None]
                 C[touched] = torch.where(counts[:, None] > 0, means, C[touched])
