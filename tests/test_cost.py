@@ -126,11 +126,13 @@ class _ViaCall(torch.nn.Module):
     def forward(self, batch):
         for layer in self.net.layers:
             layer.current = layer.__call__
+        self.net.share_static_current = False  # one call per step, as NeuroBench counts them
         try:
             return self.net.run(batch.transpose(0, 1)).out
         finally:
             for layer in self.net.layers:
                 del layer.current
+            del self.net.share_static_current
 
 
 def _zeroed(arch, neuron="lif"):

@@ -126,3 +126,50 @@ def test_encoders_shape_and_values(kind):
         assert (seq.sum(0) <= 1).all()
         bright = torch.ones(1, 1, 1, 1)
         assert encode(bright, 7, "latency")[0].item() == 1.0  # brightest fires first
+
+
+# -- time-constant inputs (direct encoding): the first layer's current computed once ----------------
+def test_time_constant_detection_and_repeat_batch():
+    from locosnn.network import repeat_batch, time_constant
+    x = torch.rand(5, 64)
+    xs = encode(x, 6, "direct")
+    assert time_constant(xs) and not time_constant(xs.contiguous())  # a materialised copy is not detected
+    assert not time_constant(encode(x, 6, "rate", torch.Generator().manual_seed(0)))  # negative control
+    assert not time_constant(xs[:1])  # one step: nothing to share
+    rb = repeat_batch(xs, 3)
+    assert time_constant(rb) and torch.equal(rb, torch.cat([xs] * 3, 1))
+    xr = encode(x, 6, "rate", torch.Generator().manual_seed(0))
+    assert torch.equal(repeat_batch(xr, 2), torch.cat([xr, xr], 1))
+
+
+@pytest.mark.parametrize("model", ["lif", "rate"])
+def test_time_constant_input_runs_bit_identical_with_one_first_layer_product(model, monkeypatch):
+    net = small_net(model)
+    xs = encode(torch.rand(5, 64), 6, "direct")
+    calls = []
+    orig = type(net.layers[0]).current
+    monkeypatch.setattr(type(net.layers[0]), "current", lambda self, x: calls.append(self) or orig(self, x))
+    fast = net.run(xs, record=True)
+    n_fast = sum(c is net.layers[0] for c in calls)
+    calls.clear()
+    ref = net.run(xs.contiguous(), record=True)
+    n_ref = sum(c is net.layers[0] for c in calls)
+    assert (n_fast, n_ref) == (1, 6)  # the first layer's current once instead of T times
+    assert fast.static_input and not ref.static_input and fast.rows(slice(0, 2)).static_input
+    assert torch.equal(fast.out, ref.out)
+    for a, b in zip(fast.outputs, ref.outputs):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_time_constant_input_gives_bptt_the_same_gradient():
+    net = small_net()
+    xs = encode(torch.rand(5, 64), 6, "direct")
+    y = torch.tensor([0, 1, 2, 3, 4])
+    grads = []
+    for x in (xs, xs.contiguous()):
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert any(float(g.abs().sum()) > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -331,3 +331,42 @@ def test_drop_mean_removes_the_batch_mean_direction(digits):
         m = X.mean(0)
         resid = float((m @ Q).norm() / m.norm())
         assert (resid < 1e-4) if drop else (resid > 0.9)  # without the flag the mean is the first basis vector
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("np", {}), ("np", {"site": "output"}), ("np", {"online": True}),
+    ("np", {"temporal": "frozen", "antithetic": True, "eligibility": "activity", "draws": 2}),
+    ("loco", {"variant": "faithful", "projector": "fast"}), ("loco", {"variant": "faithful"}),
+    ("dfa", {}), ("fa", {}), ("opzo", {}), ("sal", {}), ("sfdfa", {}), ("owm", {})])
+def test_time_constant_input_gives_the_same_update(digits, name, kw):
+    """Direct encoding's stride-0 time axis (the first layer's current and, for the perturbation rules, its
+    update computed once from the time-summed eligibility) gives the update of the materialised input."""
+    x, y = _batch(digits, 32)
+    grads = []
+    for xs in (x, x.contiguous()):
+        torch.manual_seed(0)
+        net = SpikingNetwork("64-40-30-10")
+        for layer in net.layers:
+            layer.weight.data *= 3.0
+        make_rule(name, seed=3, **kw).step(net, xs, y)
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert any(float(g.abs().sum()) > 0 for g in grads[0])  # it learns
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,expected", [("np", [16, 16 * 5]), ("dfa", [16] + [16] * 5), ("fa", [16] + [16] * 5)])
+def test_first_layer_update_is_one_product_for_a_time_constant_input(digits, monkeypatch, name, expected):
+    """Liveness of the shortcut: with a time-constant input the first layer's update is one product over B
+    rows (NP: the time-summed eligibility; FA/DFA: the trace-weighted deltas); a materialised input takes
+    the per-step path (NP: T B stacked rows; FA/DFA: one product per step)."""
+    x, y = _batch(digits, 16, T=5)
+    torch.manual_seed(0)
+    net = SpikingNetwork("64-40-10")
+    rows = []
+    orig = type(net.layers[0]).outer
+    monkeypatch.setattr(type(net.layers[0]), "outer",
+                        lambda self, e, xx: rows.append((self is net.layers[0], e.shape[0])) or orig(self, e, xx))
+    for xs in (x, x.contiguous()):
+        make_rule(name, seed=0).step(net, xs, y)
+    assert [r for first, r in rows if first] == expected

@@ -219,6 +219,10 @@ class SynapseCounter:
         return self._dense_cache[key]
 
     def __enter__(self) -> "SynapseCounter":
+        # one layer call per step, as on hardware, even for a time-constant input (whose first-layer current
+        # the network otherwise computes once)
+        self._shared = self.network.__dict__.get("share_static_current")
+        self.network.share_static_current = False
         for layer in self.network.layers:
             orig = layer.current
 
@@ -233,6 +237,10 @@ class SynapseCounter:
         for layer, _ in self._saved:
             del layer.current
         self._saved.clear()
+        if self._shared is None:
+            del self.network.share_static_current  # back to the class default
+        else:
+            self.network.share_static_current = self._shared
 
 
 class StepProbe:

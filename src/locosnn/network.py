@@ -168,6 +168,32 @@ class Noise:
         return self.layers is None or layer in self.layers
 
 
+def time_constant(x_seq: torch.Tensor) -> bool:
+    """Is x_seq (T, B, ...) one tensor repeated over time without copies (a stride-0 time axis, as
+    ``encode(..., "direct")`` and :func:`repeat_batch` make it)? Then the first layer's current is the
+    same at every step and ``SpikingNetwork.run`` computes it once. (A materialised copy of a constant
+    sequence is not detected: it runs the same, at the per-step cost.)"""
+    return x_seq.dim() > 0 and x_seq.shape[0] > 1 and x_seq.stride(0) == 0
+
+
+def repeat_batch(x_seq: torch.Tensor, reps: int) -> torch.Tensor:
+    """``torch.cat([x_seq] * reps, 1)`` (the stacked clean | noisy batches of the perturbation rules) that
+    keeps a time-constant sequence time-constant: the batch is repeated once, not T times."""
+    if time_constant(x_seq):
+        return torch.cat([x_seq[0]] * reps, 0).unsqueeze(0).expand(x_seq.shape[0], -1, *x_seq.shape[2:])
+    return torch.cat([x_seq] * reps, 1)
+
+
+def time_factors(steps: list[torch.Tensor], xs: list[torch.Tensor], static: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors (e, x) of a local update sum_t e[t] x[t]^T computed as one product e^T x: the T steps
+    stacked along the rows, or, when the inputs are one tensor at every step (``static``, a
+    :class:`Trace`'s ``static_input`` for its first layer), (sum_t e[t], x): T times fewer rows, the same
+    update up to rounding."""
+    if static:
+        return torch.stack(steps).sum(0), xs[0]
+    return torch.stack(steps).flatten(0, 1), torch.stack(xs).flatten(0, 1)
+
+
 @dataclass
 class Trace:
     """What one forward pass produced.
@@ -175,6 +201,9 @@ class Trace:
     out: readout (B, n_out). Per layer l (lists indexed [l][t]) when recorded:
     inputs x_{l-1}[t], currents I_l[t] (noise included), membranes v_l[t],
     outputs s_l[t] (spikes, rates, or the readout membrane), noise xi_l[t].
+    static_input: the input sequence was the same tensor at every step (``time_constant``, e.g. the
+    direct encoder's expanded view): then ``inputs[0][t]`` is one tensor for every t and a local
+    update sum_t e[t] x[t]^T of the first layer equals (sum_t e[t]) x^T (``time_factors``).
     """
 
     out: torch.Tensor
@@ -183,12 +212,14 @@ class Trace:
     membranes: list[list[torch.Tensor]] = field(default_factory=list)
     outputs: list[list[torch.Tensor]] = field(default_factory=list)
     noise: list[list[torch.Tensor]] = field(default_factory=list)
+    static_input: bool = False
 
     def rows(self, sl: slice) -> "Trace":
         """The trace of some rows of the batch (e.g. the clean part of a stacked clean | noisy batch)."""
         pick = lambda lists: [[a[sl] for a in per_t] for per_t in lists]  # noqa: E731
         return Trace(out=self.out[sl], inputs=pick(self.inputs), currents=pick(self.currents),
-                     membranes=pick(self.membranes), outputs=pick(self.outputs), noise=pick(self.noise))
+                     membranes=pick(self.membranes), outputs=pick(self.outputs), noise=pick(self.noise),
+                     static_input=self.static_input)
 
     def spike_counts(self) -> list[float]:
         """Total output events per hidden layer (for liveness checks)."""
@@ -271,6 +302,10 @@ class SpikingNetwork(nn.Module):
             if layer.bias is not None:
                 layer.bias.zero_()
 
+    #: compute a time-constant input's first-layer current once (:func:`time_constant`); cost counters
+    #: that must see one layer call per step, as hardware makes them (``cost.SynapseCounter``), turn it off
+    share_static_current: bool = True
+
     @property
     def depth(self) -> int:
         return len(self.layers)
@@ -312,7 +347,11 @@ class SpikingNetwork(nn.Module):
         cfg = self.neuron
         v: list[Optional[torch.Tensor]] = [None] * L
         s: list[Optional[torch.Tensor]] = [None] * L
-        tr = Trace(out=x_seq.new_empty(0))
+        # a time-constant input (direct encoding): the first layer's current W x + b is the same at every
+        # step, so it is computed once (bit-identical forward pass; BPTT's gradient sums through one product)
+        static = self.share_static_current and time_constant(x_seq)
+        cur0: Optional[torch.Tensor] = None
+        tr = Trace(out=x_seq.new_empty(0), static_input=static)
         if record:
             tr.inputs, tr.currents, tr.membranes, tr.outputs, tr.noise = ([[] for _ in range(L)] for _ in range(5))
         acc = None
@@ -323,7 +362,12 @@ class SpikingNetwork(nn.Module):
             for li, layer in enumerate(self.layers):
                 if isinstance(layer, SpikingLinear) and x.dim() > 2:
                     x = x.reshape(B, -1)
-                cur = layer.current(x)
+                if li == 0 and static:
+                    if cur0 is None:
+                        cur0 = layer.current(x)
+                    cur = cur0
+                else:
+                    cur = layer.current(x)
                 xi = None
                 if noise is not None and noise.applies_to(li):
                     xi = noise.draw(cur, li, t) if getattr(noise, "indexed", False) else noise.draw(cur)

@@ -159,7 +159,8 @@ class PerturbationRule(LearningRule):
         nan = lambda lists: [per if li == keep else [torch.full_like(a, math.nan) for a in per]  # noqa: E731
                              for li, per in enumerate(lists)]
         return Trace(out=trace.out, inputs=nan(trace.inputs), currents=nan(trace.currents),
-                     membranes=nan(trace.membranes), outputs=nan(trace.outputs), noise=nan(trace.noise))
+                     membranes=nan(trace.membranes), outputs=nan(trace.outputs), noise=nan(trace.noise),
+                     static_input=trace.static_input)
 
 
 def follow(tensors: list[torch.Tensor], ref: torch.Tensor) -> list[torch.Tensor]:

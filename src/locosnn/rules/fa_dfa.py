@@ -39,7 +39,7 @@ import torch
 
 from ..errors import LocosnnError
 from ..losses import output_error
-from ..network import Noise, SpikingNetwork
+from ..network import Noise, SpikingNetwork, repeat_batch, time_constant
 from ..seeds import FEEDBACK, OPZO_NOISE, rule_generator
 from .alignment import angle_deg
 from .base import FeedbackRule, StepReport, accumulate, follow
@@ -104,7 +104,7 @@ class _OnlineFeedback(FeedbackRule):
         T, B = x_seq.shape[0], x_seq.shape[1]
         L = network.depth
         C = self.clean_rows(B)
-        xin = torch.cat([x_seq, x_seq], 1) if C else x_seq
+        xin = repeat_batch(x_seq, 2) if C else x_seq
         rng = self._rng()
         start = rng.get_state() if rng is not None else None
         out = network.run(xin, noise=self.forward_noise(network, C)).out[C:]
@@ -117,13 +117,20 @@ class _OnlineFeedback(FeedbackRule):
         lams = [self._lam(network, li) for li in range(L)]
         bias_traces = [0.0] * L  # the bias's presynaptic input is 1: its trace is sum_k lam^k
         membrane = network.readout == "membrane"
+        # a time-constant input (direct encoding): the first layer's trace is c_t x with c_t its bias trace, so
+        # sum_t delta_t^T (c_t x) = (sum_t c_t delta_t)^T x, one product after the pass instead of one per step
+        static = time_constant(xin)
+        first: list[Any] = [None, None]  # (sum_t c_t delta_0[t], x)
 
         def hook(li, t, x, cur, mem, o, xi):
             ref_cur = cur[:C] if C else None
             if C:
                 x, cur, mem = x[C:], cur[C:], mem[C:]
                 xi = xi[C:] if xi is not None else None
-            traces[li] = x if traces[li] is None else lams[li] * traces[li] + x
+            if li == 0 and static:  # the trace is c_t x (c_t = bias_traces[0]); not formed
+                first[1] = x
+            else:
+                traces[li] = x if traces[li] is None else lams[li] * traces[li] + x
             bias_traces[li] = lams[li] * bias_traces[li] + 1.0
             factors[li] = network.local_derivative(li, cur, mem)
             noises[li] = xi
@@ -140,12 +147,18 @@ class _OnlineFeedback(FeedbackRule):
                 to_hidden = delta_out
             deltas = self.hidden_deltas(network, factors, to_hidden) + [delta_out]
             for k, layer in enumerate(network.layers):
+                if k == 0 and static:
+                    d0 = deltas[0] * bias_traces[0]
+                    first[0] = d0 if first[0] is None else first[0] + d0
+                    continue
                 gw, gb = layer.outer(deltas[k], traces[k])
                 accumulate(grads, k, gw, gb * bias_traces[k])
 
         if rng is not None:
             rng.set_state(start)  # pass 2 sees pass 1's noise
         network.run(xin, noise=self.forward_noise(network, C), hook=hook)
+        if static:
+            grads[0] = network.layers[0].outer(first[0], first[1])
         self.after_step()
         self.write_grads(network, grads)
         return {"loss": float(loss.mean()), "out": out}

@@ -162,7 +162,9 @@ class LOCO(NodePerturbation):
     def layer_inputs(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
         """Rows of presynaptic vectors (time-averaged clean input), with the bias input 1 appended."""
         layer = network.layers[li]
-        if self.projector == "fast":  # the time mean without stacking the T steps
+        if self.projector == "fast" and li == 0 and clean.static_input:  # the same input at every step
+            xbar = clean.inputs[0][0]
+        elif self.projector == "fast":  # the time mean without stacking the T steps
             xbar = sum(clean.inputs[li][1:], clean.inputs[li][0]) / len(clean.inputs[li])
         else:
             xbar = torch.stack(clean.inputs[li]).mean(0)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import LocosnnError
-from ..network import Noise, SpikingNetwork, Trace
+from ..network import Noise, SpikingNetwork, Trace, repeat_batch
 from ..seeds import NP_NOISE, rule_generator
 from .base import PerturbationRule, StepReport, accumulate
 from .perturb import DeepEstimator, DeepOptions
@@ -75,7 +75,7 @@ class NodePerturbation(PerturbationRule):
         """Run the clean and noisy passes; return (clean trace, noisy trace, dL per sample)."""
         B = x_seq.shape[1]
         if self.concat:
-            tr = network.run(torch.cat([x_seq, x_seq], 1), noise=self._noise(B), record=True)
+            tr = network.run(repeat_batch(x_seq, 2), noise=self._noise(B), record=True)
             clean, noisy = split_trace(tr, B)
         else:
             clean = network.run(x_seq, record=True)
@@ -101,12 +101,17 @@ class NodePerturbation(PerturbationRule):
 
     def estimate_factors(self, network: SpikingNetwork, noisy: Trace, dl: torch.Tensor):
         """Per layer, (li, e, x) with G_l = layer.outer(e, x): the scaled eligibilities e and the presynaptic
-        inputs x of all T steps stacked along the rows (one GEMM per layer). Lazy: one layer at a time."""
+        inputs x of all T steps stacked along the rows (one GEMM per layer); for the first layer of a
+        time-constant input (``Trace.static_input``), the eligibilities summed over time and the one input
+        (T times fewer rows, equal up to rounding). Lazy: one layer at a time."""
         B = dl.shape[0]
         scale = (dl / (self.sigma ** 2 * B))
         for li, layer in enumerate(network.layers):
             T = len(noisy.noise[li])
             sig = torch.stack([self.local_signal(network, noisy, li, t) for t in range(T)])
+            if li == 0 and noisy.static_input:  # the same input at every step: sum_t e[t] x^T = (sum_t e[t]) x^T
+                yield li, sig.sum(0) * scale.view(B, *([1] * (sig.dim() - 2))), noisy.inputs[0][0]
+                continue
             e = sig * scale.view(1, B, *([1] * (sig.dim() - 2)))
             x = torch.stack(noisy.inputs[li])
             yield li, e.flatten(0, 1), x.flatten(0, 1)
@@ -120,7 +125,7 @@ class NodePerturbation(PerturbationRule):
         and accumulates sum_t (dL/sigma^2) xi x^T per layer at every step.
         Costs one more noisy forward pass than the recorded mode."""
         B, T = x_seq.shape[1], x_seq.shape[0]
-        xx = torch.cat([x_seq, x_seq], 1)
+        xx = repeat_batch(x_seq, 2)
         start = self.generator.get_state()
         sums: list[Any] = [None] * network.depth
 

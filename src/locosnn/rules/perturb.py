@@ -73,7 +73,7 @@ import torch
 
 from ..errors import LocosnnError
 from ..losses import output_error
-from ..network import SpikingNetwork, Trace, randn_on
+from ..network import SpikingNetwork, Trace, randn_on, repeat_batch
 from .base import follow
 
 TEMPORAL = ("step", "frozen")
@@ -256,7 +256,7 @@ class DeepEstimator:
         shard = getattr(rule, "shard", None)
         noise = PlannedNoise(rule.sigma, B, opts, perturbed, L, rule.generator, w0.device, w0.dtype, shard=shard)
         reps = 1 + K * (2 if opts.antithetic else 1)
-        xx = torch.cat([x_seq] * reps, 1)
+        xx = repeat_batch(x_seq, reps)
         tr = network.run(xx, noise=noise if perturbed else None, record=True)
         P = K * B
         plus = slice(B, B + P)
@@ -305,6 +305,10 @@ class DeepEstimator:
                 s = scale * noise.mask[li] / (noise.pi * P)
                 e = torch.stack(elig[li])  # (T, P, ...)
                 e = e * s.view(1, P, *([1] * (e.dim() - 2)))
+                if li == 0 and tr.static_input:  # the same input at every step: (sum_t e[t]) x^T
+                    a = tr.inputs[0][0]
+                    grads[li] = network.layers[li].outer(e.sum(0), a[:B].repeat(K, *([1] * (a.dim() - 1))))
+                    continue
                 x = torch.stack([a[:B].repeat(K, *([1] * (a.dim() - 1))) for a in tr.inputs[li]])
                 grads[li] = network.layers[li].outer(e.flatten(0, 1), x.flatten(0, 1))
         if opts.average > 0:
