@@ -305,3 +305,31 @@ def test_ray_engine_runs_a_two_cell_sweep(tmp_path):
     pids = {json.loads((tmp_path / "out" / "cells" / c / "result.json").read_text())["pid"] for c in s["ran"]}
     import os
     assert os.getpid() not in pids  # ran in Ray workers, not in this process
+
+
+def test_results_are_rewritten_reading_each_finished_cell_once(tmp_path, monkeypatch):
+    """A sweep rewrites results.csv after every cell; with the run's cache each finished cell's directory is
+    read once (not once per rewrite), and the file is the one a rebuild from scratch writes."""
+    import locosnn.sweep as sweep_mod
+
+    def measure_cell(settings):
+        return {"step_time_s": 0.01 * settings["T"], "update_stages": 1, "state_bytes": 100}
+
+    monkeypatch.setattr(locosnn.cost, "measure_cell", measure_cell, raising=False)
+    body = TINY + '[[grid]]\nname = "cost"\nkind = "cost"\nrule = "bptt"\ndepth = 1\nwidth = 8\nT = [2, 3, 4, 5]\n'
+    cfg = write(tmp_path, body)
+    reads = []
+    orig = sweep_mod.cell_rows
+    def counting(out, c):
+        rows = orig(out, c)
+        if rows:  # a finished cell's directory read
+            reads.append(c.id)
+        return rows
+
+    monkeypatch.setattr(sweep_mod, "cell_rows", counting)
+    run_sweep(cfg, workers=0, echo=quiet)
+    # without the cache the first cell's rows are read at each of the 4 rewrites after it and the last one
+    assert len(set(reads)) == 4 and max(reads.count(c) for c in set(reads)) == 1
+    cached = (tmp_path / "out" / "results.csv").read_text()
+    sweep_mod.write_results(tmp_path / "out", load_sweep(cfg).cells)  # from scratch, no cache
+    assert (tmp_path / "out" / "results.csv").read_text() == cached and len(read_csv(tmp_path / "out" / "results.csv")) == 4

@@ -547,13 +547,27 @@ def recorded_rows(out: Path) -> dict[str, list[dict[str, str]]]:
     return rec
 
 
-def write_results(out: Path, cells: Iterable[Cell]) -> int:
+def write_results(out: Path, cells: Iterable[Cell], cache: Optional[dict[str, Any]] = None) -> int:
     """Rebuild ``out/results.csv`` atomically from the finished cells, keeping the recorded rows of cells
-    that have no finished directory here (see *recorded* in the module docstring); returns the number of rows."""
-    recorded = recorded_rows(out)
+    that have no finished directory here (see *recorded* in the module docstring); returns the number of rows.
+
+    ``cache`` (a dict the caller keeps for one sweep run, which holds the directory's lock): the recorded rows
+    are read once and a finished cell's rows once (a finished cell never changes), so a sweep that rewrites
+    the file after every cell reads one new cell directory each time instead of all of them."""
+    if cache is None:
+        recorded, done = recorded_rows(out), {}
+    else:
+        if "recorded" not in cache:
+            cache["recorded"] = recorded_rows(out)
+        recorded, done = cache["recorded"], cache.setdefault("finished", {})
     rows: list[dict[str, Any]] = []
     for c in cells:
-        rows += cell_rows(out, c) or recorded.get(c.id, [])
+        got = done.get(c.id)
+        if got is None:
+            got = cell_rows(out, c)
+            if got and cache is not None:
+                done[c.id] = got
+        rows += got or recorded.get(c.id, [])
     cols: list[str] = []
     seen: set[str] = set()
     present = {k for r in rows for k in r}
@@ -787,7 +801,8 @@ def _run_selected(sweep: Sweep, outp: Path, selected: list[Cell], workers: int, 
            "started": _now(), "finished": None,
            "engine": engine, "workers": workers, "threads": threads, "only": only, "to_run": len(todo)}
     _write_meta(outp, sweep, run)
-    write_results(outp, sweep.cells)
+    results_cache: dict[str, Any] = {}  # this run holds the directory's lock: finished cells' rows read once
+    write_results(outp, sweep.cells, results_cache)
     par = (f"{workers} worker{'s' if workers != 1 else ''}" if engine == "local" and workers else
            "in this process" if engine == "local" else f"{workers * threads if workers else 'all'} Ray CPUs")
     echo(f"{len(selected)} cells: {len(done_before)} finished already, running {len(todo)} "
@@ -803,7 +818,7 @@ def _run_selected(sweep: Sweep, outp: Path, selected: list[Cell], workers: int, 
         with (outp / "log.jsonl").open("a") as f:
             f.write(json.dumps({"time": _now(), "cell": cid, "status": res.get("status"), "error": res.get("error"),
                                 "wall_s": res.get("wall_s"), "pid": res.get("pid")}) + "\n")
-        write_results(outp, sweep.cells)
+        write_results(outp, sweep.cells, results_cache)
         s = res.get("summary") or {}
         acc = f" test_acc {s['test_acc']:.4f}" if isinstance(s.get("test_acc"), (int, float)) else ""
         err = f": {res.get('error')}" if res.get("error") else ""
@@ -826,7 +841,7 @@ def _run_selected(sweep: Sweep, outp: Path, selected: list[Cell], workers: int, 
         run["finished"] = _now()
         run["ran"], run["errors"] = len(summary["ran"]), len(summary["errors"])
         _write_meta(outp, sweep, run)
-    write_results(outp, sweep.cells)
+    write_results(outp, sweep.cells, results_cache)
     echo(f"done: {outp}/results.csv ({len(summary['ran']) - len(summary['errors'])} ran, "
          f"{len(summary['errors'])} failed, {len(done_before)} finished before)")
     return summary
