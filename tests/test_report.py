@@ -323,3 +323,18 @@ def test_best_table_never_picks_a_setting_across_architectures_or_budgets():
     (header, drows, _), = dep.tables
     assert header == ["rule", "D = 2", "D = 6", "D = 10"]
     assert drows == [["x", "85.00 (1)", "83.00 (1)", "79.00 (1)"], ["y", "", "", "82.00 (1)"]]
+
+
+def test_depth_families_are_split_by_data_size_and_captioned_with_it():
+    """Two depth sweeps that differ only in the data size are two families, each captioned with its size."""
+    import pandas as pd
+
+    from locosnn.report import _data_size, _depth_families
+
+    rows = [dict(grid=g, depth=d, width=8, epochs=1, T=2, limit=lim, rule_name="bptt", test_acc=0.5)
+            for g, lim in (("small", 200), ("full", 60000)) for d in (1, 2)]
+    fams = _depth_families(pd.DataFrame(rows))
+    assert len(fams) == 2
+    assert sorted(_data_size(f) for f in fams) == [", limit 200 training images", ", limit 60,000 training images"]
+    assert _data_size(pd.DataFrame([dict(limit=None)])) == ", every training image"
+    assert _data_size(pd.DataFrame([dict(limit=1), dict(limit=2)])) == ""  # mixed: not claimed

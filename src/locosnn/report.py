@@ -424,18 +424,33 @@ def section_depth(df, sources, figs: Figures) -> Section:
         ax.set_ylabel("final test accuracy (%)")
         figs.integer_x(ax)
         epochs = sorted({int(e) for e in fin["epoch"].dropna()})
-        ax.set_title(f"{', '.join(grids)}: after {', '.join(map(str, epochs))} epoch(s)", fontsize=9)
+        ax.set_title(f"{', '.join(grids)}: after {', '.join(map(str, epochs))} epoch(s){_data_size(fin)}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fname = figs.save(fig, f"accuracy_vs_depth_{tag}.png")
+        data = _data_size(fin)
         sec.figures.append((fname, caption(fin, sources, f"Final test accuracy vs number of hidden layers, grids "
-                                           f"{', '.join(grids)}; per depth each rule's best setting by validation "
-                                           "accuracy, mean ± std over seeds.")))
+                                           f"{', '.join(grids)}{data}; per depth each rule's best setting by "
+                                           "validation accuracy, mean ± std over seeds.")))
         sec.tables.append((["rule"] + [f"D = {d}" for d in depths], rows,
-                           caption(fin, sources, "Final test accuracy (%) per number of hidden layers D, mean ± std "
-                                   "over seeds (seeds in brackets); per depth each rule's best setting by "
+                           caption(fin, sources, f"Final test accuracy (%) per number of hidden layers D{data}, mean "
+                                   "± std over seeds (seeds in brackets); per depth each rule's best setting by "
                                    "validation accuracy.")))
     return sec
+
+
+def _data_size(fin) -> str:
+    """', the first N training images' / ', every training image' for a family of cells with one ``limit``
+    (a limit at or above the training set's size keeps all of it: named as the number, which says so)."""
+    if "limit" not in fin:
+        return ""
+    lims = {str(v) for v in fin["limit"]}
+    if len(lims) != 1:
+        return ""
+    lim = lims.pop()
+    if lim in ("", "nan", "None"):
+        return ", every training image"
+    return f", limit {int(float(lim)):,} training images"
 
 
 def _safe(s: str) -> str:
