@@ -184,14 +184,19 @@ def repeat_batch(x_seq: torch.Tensor, reps: int) -> torch.Tensor:
     return torch.cat([x_seq] * reps, 1)
 
 
-def time_factors(steps: list[torch.Tensor], xs: list[torch.Tensor], static: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors (e, x) of a local update sum_t e[t] x[t]^T computed as one product e^T x: the T steps
-    stacked along the rows, or, when the inputs are one tensor at every step (``static``, a
-    :class:`Trace`'s ``static_input`` for its first layer), (sum_t e[t], x): T times fewer rows, the same
-    update up to rounding."""
+def time_factors(e: torch.Tensor, xs: list[torch.Tensor], static: bool, reps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors (e, x) of a local update sum_t e[t] x[t]^T computed as one product e^T x, from the
+    eligibilities e (T, N, ...) and the inputs xs ([T] of (N / reps, ...), each repeated ``reps`` times
+    along the rows): the T steps stacked along the rows, or, when the inputs are one tensor at every step
+    (``static``, a :class:`Trace`'s ``static_input`` for its first layer), (sum_t e[t], x): T times fewer
+    rows, the same update up to rounding."""
     if static:
-        return torch.stack(steps).sum(0), xs[0]
-    return torch.stack(steps).flatten(0, 1), torch.stack(xs).flatten(0, 1)
+        x = xs[0]
+        return e.sum(0), (x.repeat(reps, *([1] * (x.dim() - 1))) if reps > 1 else x)
+    x = torch.stack(xs)
+    if reps > 1:
+        x = x.repeat(1, reps, *([1] * (x.dim() - 2)))
+    return e.flatten(0, 1), x.flatten(0, 1)
 
 
 @dataclass

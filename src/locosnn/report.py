@@ -424,11 +424,11 @@ def section_depth(df, sources, figs: Figures) -> Section:
         ax.set_ylabel("final test accuracy (%)")
         figs.integer_x(ax)
         epochs = sorted({int(e) for e in fin["epoch"].dropna()})
-        ax.set_title(f"{', '.join(grids)}: after {', '.join(map(str, epochs))} epoch(s){_data_size(fin)}", fontsize=9)
+        data = _data_size(fin)
+        ax.set_title(f"{', '.join(grids)}: after {', '.join(map(str, epochs))} epoch(s){data}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fname = figs.save(fig, f"accuracy_vs_depth_{tag}.png")
-        data = _data_size(fin)
         sec.figures.append((fname, caption(fin, sources, f"Final test accuracy vs number of hidden layers, grids "
                                            f"{', '.join(grids)}{data}; per depth each rule's best setting by "
                                            "validation accuracy, mean ± std over seeds.")))
@@ -440,8 +440,8 @@ def section_depth(df, sources, figs: Figures) -> Section:
 
 
 def _data_size(fin) -> str:
-    """', the first N training images' / ', every training image' for a family of cells with one ``limit``
-    (a limit at or above the training set's size keeps all of it: named as the number, which says so)."""
+    """', limit N training images' / ', every training image' for a family of cells with one ``limit``, '' for
+    several (a limit at or above the training set's size keeps all of it: named as the number, which says so)."""
     if "limit" not in fin:
         return ""
     lims = {str(v) for v in fin["limit"]}

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import LocosnnError
-from ..network import Noise, SpikingNetwork, Trace, repeat_batch
+from ..network import Noise, SpikingNetwork, Trace, repeat_batch, time_factors
 from ..seeds import NP_NOISE, rule_generator
 from .base import PerturbationRule, StepReport, accumulate
 from .perturb import DeepEstimator, DeepOptions
@@ -109,12 +109,8 @@ class NodePerturbation(PerturbationRule):
         for li, layer in enumerate(network.layers):
             T = len(noisy.noise[li])
             sig = torch.stack([self.local_signal(network, noisy, li, t) for t in range(T)])
-            if li == 0 and noisy.static_input:  # the same input at every step: sum_t e[t] x^T = (sum_t e[t]) x^T
-                yield li, sig.sum(0) * scale.view(B, *([1] * (sig.dim() - 2))), noisy.inputs[0][0]
-                continue
             e = sig * scale.view(1, B, *([1] * (sig.dim() - 2)))
-            x = torch.stack(noisy.inputs[li])
-            yield li, e.flatten(0, 1), x.flatten(0, 1)
+            yield (li, *time_factors(e, noisy.inputs[li], li == 0 and noisy.static_input))
 
     def _noise(self, clean_rows: int = 0) -> Noise:
         return Noise(self.sigma, self.site, self.dist, self.generator, clean_rows=clean_rows, shard=self.shard)

@@ -73,7 +73,7 @@ import torch
 
 from ..errors import LocosnnError
 from ..losses import output_error
-from ..network import SpikingNetwork, Trace, randn_on, repeat_batch
+from ..network import SpikingNetwork, Trace, randn_on, repeat_batch, time_factors
 from .base import follow
 
 TEMPORAL = ("step", "frozen")
@@ -305,12 +305,9 @@ class DeepEstimator:
                 s = scale * noise.mask[li] / (noise.pi * P)
                 e = torch.stack(elig[li])  # (T, P, ...)
                 e = e * s.view(1, P, *([1] * (e.dim() - 2)))
-                if li == 0 and tr.static_input:  # the same input at every step: (sum_t e[t]) x^T
-                    a = tr.inputs[0][0]
-                    grads[li] = network.layers[li].outer(e.sum(0), a[:B].repeat(K, *([1] * (a.dim() - 1))))
-                    continue
-                x = torch.stack([a[:B].repeat(K, *([1] * (a.dim() - 1))) for a in tr.inputs[li]])
-                grads[li] = network.layers[li].outer(e.flatten(0, 1), x.flatten(0, 1))
+                # the clean rows' inputs, once per draw (the first layer's: once, for a time-constant input)
+                grads[li] = network.layers[li].outer(*time_factors(e, [a[:B] for a in tr.inputs[li]],
+                                                                   li == 0 and tr.static_input, reps=K))
         if opts.average > 0:
             self.average(grads, perturbed, L, shard)
         if opts.readout_rule == "delta":
