@@ -54,6 +54,8 @@ LOCO_FAITHFUL = {"variant": "faithful", "sigma": 0.5}
 FAST = {"projector": "fast", "kmeans_every": 10}
 #: ... and the basis rebuilt every 2nd batch (the cheap projector of docs/rules.md)
 CHEAP = {**FAST, "projector_every": 2}
+#: the tracked input subspace (projector="tracked"), updated every 4th batch, k-means every 10th batch
+TRACKED = {"projector": "tracked", "projector_every": 4, "kmeans_every": 10}
 ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
     "bptt": ("bptt", {}),
     "snntorch-bptt": ("snntorch", {}),
@@ -69,6 +71,9 @@ ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
     "loco-faithful-every10": ("loco", {**LOCO_FAITHFUL, "projector_every": 10}),
     "loco-faithful-inc": ("loco", {**LOCO_FAITHFUL, "projector": "fast", "incremental_kmeans": True}),
     "loco-faithful-inc-r64": ("loco", {**LOCO_FAITHFUL, "projector": "fast", "incremental_kmeans": True, "rank": 64}),
+    "loco-tracked": ("loco", {**LOCO_SAMPLE, **TRACKED}),
+    "loco-faithful-tracked": ("loco", {**LOCO_FAITHFUL, **TRACKED}),
+    "loco-faithful-tracked-every1": ("loco", {**LOCO_FAITHFUL, **TRACKED, "projector_every": 1}),
     "fa": ("fa", {}),
     "dfa": ("dfa", {}),
     "opzo": ("opzo", {}),

@@ -89,6 +89,19 @@ How the projector is computed and how often (ours, behind flags; the defaults ar
   angles), its weakest ones are not (6-epoch runs: N = 10 ended 1.1 points below the paper's
   projector (one seed), N = 2 with ``"fast"`` 0.7 below (5 seeds); ``docs/rules.md``).
 
+* ``projector="tracked"`` (ours; not the paper's projector): the low-rank part is a running
+  estimate of the layer's input subspace instead of each batch's own: the top-``rank`` eigenvectors
+  of the decayed second moment of the inputs, M <- decay M + (1 - decay) X^T X / n with
+  ``track_decay``, tracked by one step of subspace iteration per update
+  (``projector.SubspaceTrack``: two n x d x r products, a d x r QR and an r x r SVD), started from
+  the first batch's principal directions and updated every ``projector_every``-th batch (N = 1:
+  every batch). The cluster-orthogonal part is the paper's, every batch, on the tracked basis
+  (``projector.protect_basis``: the same in-order drop rule), reused while neither the basis nor
+  the protected centroids change. Deviations from the per-batch basis: the directions are the
+  input stream's (uncentred, so the mean direction is the leading one rather than a column of its
+  own) rather than this batch's, and they include directions this batch has little of. Fused into
+  the estimate as ``"fast"`` is.
+
 ``projector_every=1, kmeans_every=1, projector="batch"`` is the paper's projector bit for bit;
 with any of them changed the step counter (and Q_l when N > 1) is rule state (checkpointed).
 """
@@ -104,10 +117,11 @@ from ..network import SpikingNetwork, Trace
 from ..seeds import LOCO_PROJECTION, rule_generator
 from .base import StepReport
 from .np import NodePerturbation
-from .projector import ClusterMemory, fast_loco_basis, loco_basis, project
+from .projector import (ClusterMemory, SubspaceTrack, fast_loco_basis, loco_basis, project, protect_basis,
+                        protected_basis)
 
 VARIANTS = ("faithful", "sample")
-PROJECTORS = ("batch", "fast")
+PROJECTORS = ("batch", "fast", "tracked")
 
 
 class LOCO(NodePerturbation):
@@ -119,7 +133,8 @@ class LOCO(NodePerturbation):
     > 0: whitening preconditioner inside the subspace with relative damping ``whiten``),
     projector ("batch": reference | "fast": the same projector computed fast), projector_every
     (rebuild Q every N batches, reuse in between), kmeans_every (re-cluster every M batches),
-    incremental_kmeans (k-means updating only what changed; with projector="fast")."""
+    incremental_kmeans (k-means updating only what changed; with projector="fast" or "tracked"),
+    track_decay (projector="tracked": the decay of the tracked input second moment per update)."""
 
     name = "loco"
 
@@ -128,11 +143,16 @@ class LOCO(NodePerturbation):
                  per_batch: int = 16, max_rows: int = 2048, kmeans_iters: int = 5, window: int = 20,
                  drop_mean: bool = False, whiten: float = 0.0, projector: str = "batch",
                  projector_every: int = 1, kmeans_every: int = 1, incremental_kmeans: bool = False,
-                 **kw: Any) -> None:
+                 track_decay: float = 0.9, **kw: Any) -> None:
         super().__init__(**kw)
-        if incremental_kmeans and projector != "fast":
-            raise LocosnnError("incremental_kmeans needs projector='fast' (the reference projector keeps the "
-                               "authors' k-means)")
+        if incremental_kmeans and projector == "batch":
+            raise LocosnnError("incremental_kmeans needs projector='fast' or 'tracked' (the reference projector "
+                               "keeps the authors' k-means)")
+        if isinstance(track_decay, bool) or not isinstance(track_decay, (int, float)) or not 0 <= track_decay < 1:
+            raise LocosnnError(f"track_decay must be a number in [0, 1), got {track_decay!r}")
+        self.track_decay = float(track_decay)
+        self.tracks: list[Optional[SubspaceTrack]] = []  # projector="tracked": the running basis per layer
+        self.tracked_cache: list[Optional[tuple[int, Optional[torch.Tensor], torch.Tensor]]] = []
         self.incremental_kmeans = bool(incremental_kmeans)
         if projector not in PROJECTORS:
             raise LocosnnError(f"unknown LOCO projector {projector!r}; choose one of {', '.join(PROJECTORS)}")
@@ -162,9 +182,9 @@ class LOCO(NodePerturbation):
     def layer_inputs(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
         """Rows of presynaptic vectors (time-averaged clean input), with the bias input 1 appended."""
         layer = network.layers[li]
-        if self.projector == "fast" and li == 0 and clean.static_input:  # the same input at every step
+        if self.projector != "batch" and li == 0 and clean.static_input:  # the same input at every step
             xbar = clean.inputs[0][0]
-        elif self.projector == "fast":  # the time mean without stacking the T steps
+        elif self.projector != "batch":  # the time mean without stacking the T steps
             xbar = sum(clean.inputs[li][1:], clean.inputs[li][0]) / len(clean.inputs[li])
         else:
             xbar = torch.stack(clean.inputs[li]).mean(0)
@@ -208,7 +228,7 @@ class LOCO(NodePerturbation):
             mem.recluster(self.proj_generator)
 
     def new_memory(self) -> ClusterMemory:
-        return ClusterMemory(self.memory_size, self.k, self.kmeans_iters, vectorised=self.projector == "fast",
+        return ClusterMemory(self.memory_size, self.k, self.kmeans_iters, vectorised=self.projector != "batch",
                              incremental=self.incremental_kmeans)
 
     def projector_basis(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
@@ -226,7 +246,10 @@ class LOCO(NodePerturbation):
 
     def layer_basis(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
         """This batch's Q for layer li: rebuilt (``projector_basis``) or, between rebuilds of
-        ``projector_every`` > 1, the last rebuild's, with this batch stored in the cluster memory."""
+        ``projector_every`` > 1, the last rebuild's, with this batch stored in the cluster memory;
+        projector="tracked": the tracked basis (``tracked_basis``)."""
+        if self.projector == "tracked":
+            return self.tracked_basis(network, clean, li)
         if self.projector_every == 1:
             return self.projector_basis(network, clean, li)
         while len(self.bases) <= li:
@@ -241,6 +264,38 @@ class LOCO(NodePerturbation):
                 Q = Q.to(w)
         self.bases[li] = Q
         return Q
+
+    def tracked_basis(self, network: SpikingNetwork, clean: Trace, li: int) -> torch.Tensor:
+        """projector="tracked": layer li's tracked basis (started from the first batch, updated every
+        ``projector_every``-th batch) made orthogonal to this batch's protected centroids."""
+        X = self.layer_inputs(network, clean, li)
+        while len(self.memories) <= li:
+            self.memories.append(self.new_memory())
+        while len(self.tracks) <= li:
+            self.tracks.append(None)
+            self.tracked_cache.append(None)
+        excluded = self.excluded_centroids(self.memories[li], X) if self.k > 0 else None
+        if self.drop_mean:
+            m = X.mean(0, keepdim=True)
+            excluded = m if excluded is None else torch.cat([excluded, m])
+        if excluded is not None and not excluded.shape[0]:
+            excluded = None
+        track = self.tracks[li]
+        if track is None:
+            track = self.tracks[li] = SubspaceTrack.start(X, self.rank, self.proj_generator)
+        elif self.proj_step % self.projector_every == 0:
+            track.update(X, self.track_decay)
+        cached = self.tracked_cache[li]
+        if (cached is not None and cached[0] == track.updates and
+                (excluded is None if cached[1] is None else
+                 excluded is not None and excluded.shape == cached[1].shape and torch.equal(excluded, cached[1]))):
+            Q = cached[2]
+        else:
+            C = protected_basis(excluded) if excluded is not None else None
+            Q = protect_basis(track.basis(), C, self.tol)
+            self.tracked_cache[li] = (track.updates, excluded, Q)
+        w = network.layers[li].weight
+        return Q if Q.dtype == w.dtype and Q.device == w.device else Q.to(w)
 
     def feed_memory(self, network: SpikingNetwork, clean: Trace, li: int) -> None:
         """Store this batch in layer li's cluster memory as a rebuild would (the same generator
@@ -283,8 +338,8 @@ class LOCO(NodePerturbation):
 
     @property
     def fused(self) -> bool:
-        """projector="fast" on the recorded path: the projection runs inside the estimate."""
-        return (self.projection and self.projector == "fast" and self.whiten == 0 and not self.online
+        """projector="fast" or "tracked" on the recorded path: the projection runs inside the estimate."""
+        return (self.projection and self.projector != "batch" and self.whiten == 0 and not self.online
                 and self.deep_estimator is None)
 
     def layer_transform(self, network: SpikingNetwork, clean: Trace, li: int, gw: torch.Tensor,
@@ -344,6 +399,8 @@ class LOCO(NodePerturbation):
         s.update({"proj_generator": self.proj_generator.get_state(), "memories": [m.state_dict() for m in self.memories]})
         if (self.projector, self.projector_every, self.kmeans_every) != ("batch", 1, 1):
             s.update({"proj_step": self.proj_step, "bases": list(self.bases)})
+        if self.projector == "tracked":
+            s["tracks"] = [t.state_dict() if t is not None else None for t in self.tracks]
         return s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -356,3 +413,5 @@ class LOCO(NodePerturbation):
             self.memories.append(m)
         self.proj_step = int(state.get("proj_step", 0))
         self.bases = list(state.get("bases", []))
+        self.tracks = [SubspaceTrack.from_state(t) if t is not None else None for t in state.get("tracks", [])]
+        self.tracked_cache = [None] * len(self.tracks)  # rebuilt from the tracks (the same Q)

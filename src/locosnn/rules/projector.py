@@ -541,3 +541,98 @@ def loco_basis(X: torch.Tensor, r: int, excluded: Optional[torch.Tensor], tol: f
 def project(G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """G P with P = Q Q^T, computed as (G Q) Q^T."""
     return (G @ Q) @ Q.T
+
+
+class SubspaceTrack:
+    """LOCO's ``projector="tracked"``: a running estimate of a layer's input subspace instead of each
+    batch's own. It keeps an orthonormal basis Q (d x r) of the top-r eigenvectors of the decayed
+    (uncentred) second moment M_t = decay M_{t-1} + (1 - decay) X_t^T X_t / n, and their eigenvalue
+    estimates ``lam``, through M's rank-r approximation Q diag(lam) Q^T. One update is one step of block
+    power (subspace) iteration on that approximation plus the new batch,
+
+        Y = Q diag(decay lam) + (1 - decay) / n X^T (X Q),   Y = Q1 R (Householder QR),   R = U S W^T,
+        Q <- Q1 U,   lam <- S,
+
+    so the columns stay orthonormal and sorted by eigenvalue (the order the drop rule of
+    :func:`protect_basis` takes them in). Cost: two n x d x r products, a d x r QR and an r x r SVD, against
+    the n x n eigenproblem, the k-means and the d x n product of a per-batch rebuild; run every
+    ``projector_every``-th batch it costs a fraction of that. The first batch starts it from that batch's
+    own top principal directions (uncentred; padded with random orthonormal directions of eigenvalue 0
+    when the batch has fewer than r rows)."""
+
+    def __init__(self, Q: torch.Tensor, lam: torch.Tensor, updates: int = 1) -> None:
+        self.Q, self.lam, self.updates = Q, lam, updates
+
+    @classmethod
+    def start(cls, X: torch.Tensor, r: int, generator: Optional[torch.Generator] = None) -> "SubspaceTrack":
+        n, d = X.shape
+        r = min(r, d)
+        if n <= d:
+            evals, U = torch.linalg.eigh((X @ X.T).double())
+            q = min(r, n)
+            evals, U = evals[-q:].flip(0).clamp_min(0), U[:, -q:].flip(1)
+            S = evals.sqrt()
+            good = S > S[0] * 1e-6 if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
+            Q = X.T @ (U[:, good] / S[good]).to(X.dtype)
+            lam = evals[good] / n
+        else:
+            evals, V = torch.linalg.eigh((X.T @ X).double())
+            evals, V = evals[-r:].flip(0).clamp_min(0), V[:, -r:].flip(1)
+            Q, lam = V.to(X.dtype), evals / n
+        if Q.shape[1] < r:  # pad with random directions orthogonal to the batch's (eigenvalue 0)
+            Z = torch.randn(d, r - Q.shape[1], generator=generator, dtype=torch.float64).to(X)
+            Z = Z - Q @ (Q.T @ Z)
+            Q = torch.cat([Q, torch.linalg.qr(Z)[0]], 1)
+            lam = torch.cat([lam, lam.new_zeros(r - lam.shape[0])])
+        Q, _ = torch.linalg.qr(Q)  # orthonormal to working precision (the sign and order are kept)
+        return cls(Q, lam.to(X.dtype))
+
+    def update(self, X: torch.Tensor, decay: float) -> None:
+        """One subspace-iteration step with the batch X (n x d)."""
+        Q = self.Q if self.Q.dtype == X.dtype and self.Q.device == X.device else self.Q.to(X)
+        lam = self.lam.to(X)
+        Y = torch.addmm(Q * (decay * lam), X.T, X @ Q, alpha=(1.0 - decay) / X.shape[0])
+        Q1, R = torch.linalg.qr(Y)
+        U, S, _ = torch.linalg.svd(R.double())
+        self.Q, self.lam = Q1 @ U.to(X.dtype), S.to(X.dtype)
+        self.updates += 1
+
+    def basis(self, rel: float = 1e-6) -> torch.Tensor:
+        """Q without the directions whose eigenvalue is below ``rel`` of the largest (as the per-batch
+        basis drops principal directions of negligible singular value)."""
+        lam = self.lam
+        if not lam.numel() or not bool(lam[0] > 0):
+            return self.Q[:, :0]
+        keep = lam > lam[0] * rel
+        return self.Q if bool(keep.all()) else self.Q[:, keep]
+
+    def state_dict(self) -> dict:
+        return {"Q": self.Q, "lam": self.lam, "updates": self.updates}
+
+    @classmethod
+    def from_state(cls, s: dict) -> "SubspaceTrack":
+        return cls(s["Q"], s["lam"], int(s.get("updates", 1)))
+
+
+def protect_basis(Q: torch.Tensor, C: Optional[torch.Tensor], tol: float = 0.1) -> torch.Tensor:
+    """:func:`gram_schmidt` of the orthonormal columns of Q (in order) against the orthonormal columns of C:
+    the same drop rule (a column whose residual norm falls below ``tol`` is dropped), computed from the
+    small Gram of the residuals R = Q - C A, A = C^T Q: R^T R = I - A^T A (Q orthonormal), so the d-sized
+    work is a few d x r x |C| products and one triangular solve. Falls back to the loop after many drops."""
+    if C is None or not C.shape[1] or not Q.shape[1]:
+        return Q
+    A = C.T @ Q  # (m, r)
+    A64 = A.double()
+    S = torch.eye(Q.shape[1], dtype=torch.float64, device=Q.device) - A64.T @ A64
+    res = ordered_cholesky(S, tol)
+    if res is None:
+        return gram_schmidt(Q, C, tol)
+    kept, L = res
+    if not kept:
+        return Q[:, :0]
+    if len(kept) < Q.shape[1]:
+        idx = torch.tensor(kept, device=Q.device)
+        Q, A = Q[:, idx], A[:, idx]
+    R = Q - C @ A
+    Qp = torch.linalg.solve_triangular(L.to(R.dtype), R.T, upper=False).T
+    return Qp - C @ (C.T @ Qp)  # against the rounding of the first pass, as the reference does
