@@ -46,6 +46,7 @@ CASES = [(name, SMALL.get(name, {})) for name in sorted(RULES)] + [
     ("loco", {**SMALL["loco"], "projector_every": 2}),
     ("loco", {**SMALL["loco"], "projector": "fast", "kmeans_every": 2}),
     ("loco", {**SMALL["loco"], "projector": "fast", "incremental_kmeans": True}),
+    ("loco", {**SMALL["loco"], "projector": "tracked", "projector_every": 2, "kmeans_every": 2}),
     ("opzo", {"clean_reference": True}),
     ("sfdfa", {"online": True, "b_init": "random"}),
     ("owm", {"update": "task"}),

@@ -16,7 +16,12 @@ in between).
   after the input distribution changes it does not, and a random subspace never is (negative controls);
 * a run stopped and resumed from its checkpoint (rule state through ``torch.save``) continues
   bit for bit; without the projector's state it does not;
-* bad settings are clear errors (rule constructor and config casting).
+* bad settings are clear errors (rule constructor and config casting);
+* ``projector="tracked"``: the tracked basis converges to the top eigenspace of a stationary stream's
+  second moment (a random start does not span it; a stream that moves is followed), its protection
+  by the centroids is the reference Gram-Schmidt with the same drops, a step's update is NP's estimate
+  projected on that basis (fused), the basis is updated on its schedule only, and a resumed run
+  continues bit for bit (not without the tracks).
 """
 from __future__ import annotations
 
@@ -33,8 +38,8 @@ from locosnn.errors import LocosnnError
 from locosnn.network import SpikingNetwork
 from locosnn.rules import make_rule
 from locosnn.diagnostics import rule_update
-from locosnn.rules.projector import (ClusterMemory, fast_loco_basis, fast_orthonormalise, gram_schmidt_loop, kmeans, kmeans_vectorised, nearest,
-                                     loco_basis, orthonormal, project)
+from locosnn.rules.projector import (ClusterMemory, SubspaceTrack, fast_loco_basis, fast_orthonormalise, gram_schmidt_loop, kmeans,
+                                     kmeans_vectorised, nearest, loco_basis, orthonormal, project, protect_basis)
 
 
 @pytest.fixture(scope="module")
@@ -409,3 +414,126 @@ def test_incremental_kmeans_step_equals_the_fast_step(digits):
         for u, v in zip(a, b):
             assert torch.allclose(u, v, rtol=1e-3, atol=1e-4 * float(u.abs().max()))
     assert all(m.cache is not None for m in b_rule.memories)
+
+
+# -- projector="tracked" -------------------------------------------------------------------------------
+
+def _lowrank_source(g, d=40, q=5, n=64):
+    A = torch.linalg.qr(torch.randn(d, q, generator=g))[0]  # q orthonormal directions (columns)
+    scales = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.5])[:q]
+    return A, lambda: (torch.randn(n, q, generator=g) * scales) @ A.T + 0.05 * torch.randn(n, d, generator=g)
+
+
+def test_tracked_subspace_converges_to_the_streams_top_eigenspace():
+    """Batches from a fixed distribution whose second moment has a clear top-5 eigenspace span(A): started
+    from a random orthonormal basis, subspace iteration reaches span(A) with orthonormal columns sorted by
+    eigenvalue, the eigenvalues those of the second moment (25, 16, 9, 4, 2.25 up to sampling); the random
+    start is far from it (negative control). When the stream moves to other directions the track follows."""
+    g = torch.Generator().manual_seed(0)
+    A, draw = _lowrank_source(g)
+    Q0 = torch.linalg.qr(torch.randn(40, 5, generator=g))[0]
+    assert _cosines(Q0, A).min() < 0.5  # negative control: the start is not the answer
+    track = SubspaceTrack(Q0, torch.ones(5))
+    for _ in range(60):
+        track.update(draw(), decay=0.8)
+    Q = track.basis()
+    assert torch.allclose(Q.T @ Q, torch.eye(5), atol=1e-5)
+    assert _cosines(Q, A).min() > 0.999
+    assert bool((track.lam[:-1] >= track.lam[1:]).all())
+    assert torch.allclose(track.lam, torch.tensor([25.0, 16.0, 9.0, 4.0, 2.25]), rtol=0.35)
+    B, draw2 = _lowrank_source(g)
+    for _ in range(60):
+        track.update(draw2(), decay=0.8)
+    assert _cosines(track.basis(), B).min() > 0.999 and _cosines(track.basis(), A).min() < 0.5
+
+
+def test_tracked_start_is_the_first_batchs_principal_directions():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 50, generator=g) @ torch.randn(50, 50, generator=g)
+    track = SubspaceTrack.start(X, 8)
+    V = torch.linalg.svd(X.double(), full_matrices=False)[2][:8].T  # top right singular vectors (uncentred)
+    assert _cosines(track.basis(), V).min() > 0.9999
+    assert torch.allclose(track.lam.double(), torch.linalg.svdvals(X.double())[:8] ** 2 / 30, rtol=1e-4)
+    # fewer rows than the rank: the batch's directions first, then orthonormal padding of eigenvalue 0
+    small = SubspaceTrack.start(X[:4], 8, torch.Generator().manual_seed(0))
+    assert small.Q.shape == (50, 8) and torch.allclose(small.Q.T @ small.Q, torch.eye(8), atol=1e-5)
+    assert small.basis().shape[1] == 4 and bool((small.lam[4:] == 0).all())
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_protect_basis_is_the_reference_gram_schmidt(m):
+    """Orthonormal Q (sorted) against orthonormal protected directions C: the same kept columns and span as
+    the reference loop, also where the drop rule drops (C built to contain two of Q's columns nearly)."""
+    g = torch.Generator().manual_seed(m)
+    d, r = 60, 12
+    Q = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0]
+    raw = torch.randn(d, m, generator=g, dtype=torch.float64)
+    raw[:, 0] = Q[:, 2] + 0.002 * raw[:, 0]  # column 2 of Q is almost protected: dropped
+    if m > 1:
+        raw[:, 1] = Q[:, 7] + 0.002 * raw[:, 1]
+    C = orthonormal(raw)
+    fast = protect_basis(Q, C, 0.1)
+    ref = gram_schmidt_loop(Q, C, 0.1)
+    assert fast.shape == ref.shape == (d, r - (1 if m == 1 else 2))
+    assert torch.allclose(fast @ fast.T, ref @ ref.T, atol=1e-10)
+    assert float((C.T @ fast).abs().max()) < 1e-10
+    # negative control: without the protection the span differs
+    assert not torch.allclose(Q[:, :fast.shape[1]] @ Q[:, :fast.shape[1]].T, ref @ ref.T, atol=1e-3)
+
+
+def test_tracked_step_is_the_np_estimate_on_the_tracked_basis(digits):
+    """One step of projector="tracked" (fused into the estimate) equals NP's update with the same seed,
+    projected by P = Q Q^T with Q the rule's own tracked basis for each layer; the basis is updated at
+    batches 0, N, 2N, ... only (the first batch starts it) and protected every batch."""
+    torch.manual_seed(0)
+    net = SpikingNetwork("64-40-30-10")
+    kw = dict(rank=12, k=3, memory=40, per_batch=8, seed=7, variant="faithful")
+    rule = make_rule("loco", projector="tracked", projector_every=3, **kw)
+    plain = make_rule("np", seed=7)
+    for i, (xs, y) in enumerate(_stream(digits, 7)):
+        shadow = copy.deepcopy(rule)
+        upd = rule_update(rule, net, xs, y, restore=False)
+        assert [t.updates for t in rule.tracks] == [1 + i // 3] * 3  # started at 0, updated at 3 and 6
+        ref = rule_update(plain, net, xs, y, restore=False)
+        clean = net.run(xs, record=True)
+        for li, layer in enumerate(net.layers):
+            Q = shadow.tracked_basis(net, clean, li).double()  # the layers in the step's order
+            n_out = layer.weight.shape[0]
+            G_np = torch.cat([ref[li][:-n_out].reshape(n_out, -1), ref[li][-n_out:, None]], 1)
+            u = torch.cat([upd[li][:-n_out].reshape(n_out, -1), upd[li][-n_out:, None]], 1)
+            G = project(G_np, Q)
+            assert torch.allclose(u, G, rtol=1e-3, atol=1e-4 * float(G.abs().max()))
+            assert not torch.allclose(u, G_np, atol=1e-2 * float(G.abs().max()))  # the projection acts
+
+
+def test_tracked_checkpoint_resume_is_exact(digits):
+    kw = dict(rank=8, k=3, memory=64, per_batch=8, seed=4, projector="tracked", projector_every=2, kmeans_every=3)
+    straight = _weights(_train(make_rule("loco", **kw), digits, 10)[0])
+    rule = make_rule("loco", **kw)
+    net, opt = _train(rule, digits, 7)
+    buf = io.BytesIO()
+    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "rule": rule.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    assert len(saved["rule"]["tracks"]) == 3
+
+    def resume(state):
+        net2 = SpikingNetwork("64-40-30-10")
+        net2.load_state_dict(saved["net"])
+        opt2 = torch.optim.Adam(net2.parameters(), lr=1e-2)
+        opt2.load_state_dict(saved["opt"])
+        rule2 = make_rule("loco", **kw)
+        rule2.load_state_dict(state)
+        return _weights(_train(rule2, digits, 3, net=net2, opt=opt2, start=7)[0])
+
+    assert all(torch.equal(p, q) for p, q in zip(straight, resume(saved["rule"])))
+    partial = {k: v for k, v in saved["rule"].items() if k != "tracks"}
+    assert not all(torch.equal(p, q) for p, q in zip(straight, resume(partial)))
+
+
+def test_bad_track_decay_is_a_clear_error():
+    for bad in (-0.1, 1.0, 2, True, "x"):
+        with pytest.raises(LocosnnError, match="track_decay"):
+            make_rule("loco", projector="tracked", track_decay=bad)
+    with pytest.raises(LocosnnError, match="track_decay"):
+        cast_rule_args("loco", {"track_decay": "1.5"})

@@ -351,7 +351,7 @@ RULE_ARG_CHECKS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "loco": {**_NP, "rank": _at_least(1), "k": _at_least(0), "memory": _at_least(1), "tol": _at_least(0),
              "min_share": _UNIT, "per_batch": _at_least(1), "max_rows": _at_least(1),
              "kmeans_iters": _at_least(1), "window": _at_least(0), "projector_every": _at_least(1),
-             "kmeans_every": _at_least(1)},
+             "kmeans_every": _at_least(1), "track_decay": ((lambda v: 0 <= v < 1), "in [0, 1)")},
     "fa": _FEEDBACK,
     "dfa": {**_FEEDBACK, "feedback_scale": _POSITIVE},
     "opzo": {**_FEEDBACK, "feedback_scale": _POSITIVE, "alpha": _at_least(0), "lam": _UNIT},
