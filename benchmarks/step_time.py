@@ -84,7 +84,7 @@ ENTRIES: dict[str, tuple[str, dict[str, Any]]] = {
 #: the entries timed at depth 10 by default (every rule at depth 2)
 DEEP_ENTRIES = ("bptt", "snntorch-bptt", "np", "loco", "loco-fast", "loco-cheap", "loco-faithful", "loco-faithful-fast",
                 "loco-faithful-cheap", "loco-faithful-fast-k1", "loco-faithful-cheap-k1", "loco-faithful-inc",
-                "loco-faithful-inc-r64")
+                "loco-faithful-inc-r64", "loco-tracked", "loco-faithful-tracked")
 T, BATCH, WIDTH = 8, 128, 500
 
 
@@ -372,7 +372,7 @@ def write_md(path: Path, meta: dict, groups: dict[str, dict[str, dict]]) -> None
               "rebuilt every batch by the reference code); `-fast` = the same projector computed fast "
               "(`projector=\"fast\", kmeans_every=10`: fast basis, vectorised k-means every 10th batch, projection fused "
               "into the estimate, basis still rebuilt every batch); `-cheap` = `-fast` with `projector_every=2` (the "
-              "basis rebuilt every 2nd batch); `-fast-k1` = the fast projector with k-means every batch; `-cheap-k1` = the basis rebuilt every 2nd batch with k-means at every rebuild; `-inc` = the fast projector with k-means every batch computed incrementally (`incremental_kmeans=True`), `-inc-r64` the same at rank 64; `-every10` = the reference projector rebuilt every 10th batch. "
+              "basis rebuilt every 2nd batch); `-fast-k1` = the fast projector with k-means every batch; `-cheap-k1` = the basis rebuilt every 2nd batch with k-means at every rebuild; `-inc` = the fast projector with k-means every batch computed incrementally (`incremental_kmeans=True`), `-inc-r64` the same at rank 64; `-every10` = the reference projector rebuilt every 10th batch; `-tracked` = the tracked input subspace (`projector=\"tracked\", projector_every=4, kmeans_every=10`: one subspace-iteration step every 4th batch, the protection every batch), `-tracked-every1` the same updated every batch. "
               "LOCO's cluster memories are filled to capacity before timing (the steady state of a run). "
               "Settings of every rule as in benchmarks/sweep.toml; OWM with SGD (momentum 0.9), the others Adam. "
               "SAL's step is FA's (its alignment phase runs once per epoch).", ""]
