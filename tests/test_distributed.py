@@ -34,6 +34,8 @@ CASES: dict[str, dict] = {
     "loco-faithful": {"rule": "loco", "rule_args": {"variant": "faithful", "rank": 8, "drop_mean": True}},
     "loco-cheap": {"rule": "loco", "rule_args": {"variant": "faithful", "rank": 8, "projector": "fast",
                                                  "kmeans_every": 2, "projector_every": 2}},
+    "loco-tracked": {"rule": "loco", "rule_args": {"variant": "faithful", "rank": 8, "projector": "tracked",
+                                                   "kmeans_every": 2, "projector_every": 2}},
     "np-deep": {"rule": "np", "arch": "64-16-16-16-10",
                 "rule_args": {"temporal": "frozen", "antithetic": True, "draws": 2, "layer_sample": True,
                               "dl_norm": True, "average": 0.5, "homeostasis": 0.01, "local_loss": 1}},
