@@ -59,7 +59,7 @@ results:
 	$(BIN)/locosnn report benchmarks/sweep benchmarks/g2p --out benchmarks/report --results-md RESULTS.md --readme-table README.md
 	$(BIN)/locosnn report benchmarks/deep --grids deep_d10,deep_d10_seeds,deep_d10_seeds_more,deep_d10_seeds_local,deep_d10_long,deep_depth,deep_depth_more,deep_depth_seeds,deep_2layer,deep_2layer_lr,deep_2layer_lr_seeds,deep_full,deep_full_seeds,deep_full_seeds_more,deep_d10_long_floor,deep_floor_lr,deep_options,deep_draws,deep_full_depth,deep_full_long,deep_full_depth_seeds --arch 784-256x10-10 --title "Deep networks" --out benchmarks/deep/report --results-md docs/deep_results.md
 	$(BIN)/python benchmarks/deep_ablation.py --dir benchmarks/deep --out docs/deep_ablation.md
-	$(BIN)/locosnn report benchmarks/projector --grids projector,projector_kmeans,projector_cheap_k1,projector_inc,projector_inc_r64,projector_tracked,projector_more --title "LOCO projector modes" --out benchmarks/projector/report --results-md docs/projector_results.md
+	$(BIN)/locosnn report benchmarks/projector --grids projector,projector_kmeans,projector_cheap_k1,projector_inc,projector_inc_r64,projector_tracked,projector_more,projector_parts --title "LOCO projector modes" --out benchmarks/projector/report --results-md docs/projector_results.md
 	$(BIN)/locosnn report benchmarks/g2p --grids g2p,g2p_seeds,g2p_lr6,g2p_lr6_loco,g2p_lr6_seeds,g2p_lr6_loco_seeds --arch 189-256-256-53 --out benchmarks/g2p/report --title 'Grapheme-to-phoneme (CMUdict)' --results-md docs/g2p_results.md
 
 # deep networks (docs/deep.md): resumable; the D = 10 grids with 3 seeds take about 1.5 h on 2 cores,
@@ -77,9 +77,9 @@ bench-deep:
 bench-g2p:
 	$(BIN)/locosnn bench benchmarks/g2p.toml --workers 1 --only g2p,g2p_seeds,g2p_lr6,g2p_lr6_loco,g2p_lr6_seeds,g2p_lr6_loco_seeds $(FRESH)
 
-# LOCO's projector modes (docs/rules.md): 60 cells, about 1.2 hours on 2 cores
+# LOCO's projector modes (docs/rules.md): 70 cells, about 1.3 hours on 2 cores
 bench-projector:
-	$(BIN)/locosnn bench benchmarks/projector.toml --workers 2 --only projector,projector_kmeans,projector_cheap_k1,projector_inc,projector_inc_r64,projector_tracked,projector_more $(FRESH)
+	$(BIN)/locosnn bench benchmarks/projector.toml --workers 2 --only projector,projector_kmeans,projector_cheap_k1,projector_inc,projector_inc_r64,projector_tracked,projector_more,projector_parts $(FRESH)
 
 # step time of every rule beside snnTorch's BPTT (run it on a quiet machine; a few minutes)
 bench-step-time:
