@@ -183,28 +183,34 @@ def test_checkpoint_resume_is_exact(digits, variant, opts):
     kw = dict(rank=8, k=3, memory=64, per_batch=8, seed=4, variant=variant, **opts)
     straight = _weights(_train(make_rule("loco", **kw), digits, 10)[0])
     # stop after 7 batches (mid-period: the next batch reuses the basis), save, load, continue
+    saved = _checkpoint_after(kw, digits, 7)
+    assert saved["rule"]["proj_step"] == 7 and len(saved["rule"]["bases"]) == 3  # 7: mid-period for 2 and 3
+    assert all(torch.equal(p, q) for p, q in zip(straight, _resumed(saved, saved["rule"], kw, digits)))
+    # negative control: the same state without the projector's (step counter, bases) does not continue exactly
+    partial = {k: v for k, v in saved["rule"].items() if k not in ("proj_step", "bases")}
+    assert not all(torch.equal(p, q) for p, q in zip(straight, _resumed(saved, partial, kw, digits)))
+
+
+def _checkpoint_after(kw, digits, steps):
+    """The checkpoint (network, optimiser, rule state through torch.save) of a run stopped after ``steps``."""
     rule = make_rule("loco", **kw)
-    net, opt = _train(rule, digits, 7)
+    net, opt = _train(rule, digits, steps)
     buf = io.BytesIO()
     torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "rule": rule.state_dict()}, buf)
     buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
-    assert saved["rule"]["proj_step"] == 7 and len(saved["rule"]["bases"]) == 3  # 7: mid-period for 2 and 3
+    return torch.load(buf, weights_only=False)
 
-    def resume(state):
-        torch.manual_seed(0)
-        net2 = SpikingNetwork("64-40-30-10")
-        net2.load_state_dict(saved["net"])
-        opt2 = torch.optim.Adam(net2.parameters(), lr=1e-2)
-        opt2.load_state_dict(saved["opt"])
-        rule2 = make_rule("loco", **kw)
-        rule2.load_state_dict(state)
-        return _weights(_train(rule2, digits, 3, net=net2, opt=opt2, start=7)[0])
 
-    assert all(torch.equal(p, q) for p, q in zip(straight, resume(saved["rule"])))
-    # negative control: the same state without the projector's (step counter, bases) does not continue exactly
-    partial = {k: v for k, v in saved["rule"].items() if k not in ("proj_step", "bases")}
-    assert not all(torch.equal(p, q) for p, q in zip(straight, resume(partial)))
+def _resumed(saved, rule_state, kw, digits, steps=3):
+    """The weights after resuming ``saved`` (with ``rule_state`` as the rule's state) for ``steps`` batches."""
+    net2 = SpikingNetwork("64-40-30-10")
+    net2.load_state_dict(saved["net"])
+    opt2 = torch.optim.Adam(net2.parameters(), lr=1e-2)
+    opt2.load_state_dict(saved["opt"])
+    rule2 = make_rule("loco", **kw)
+    rule2.load_state_dict(rule_state)
+    start = int(saved["rule"]["proj_step"])
+    return _weights(_train(rule2, digits, steps, net=net2, opt=opt2, start=start)[0])
 
 
 def test_per_batch_state_dict_is_unchanged():
@@ -509,26 +515,11 @@ def test_tracked_step_is_the_np_estimate_on_the_tracked_basis(digits):
 def test_tracked_checkpoint_resume_is_exact(digits):
     kw = dict(rank=8, k=3, memory=64, per_batch=8, seed=4, projector="tracked", projector_every=2, kmeans_every=3)
     straight = _weights(_train(make_rule("loco", **kw), digits, 10)[0])
-    rule = make_rule("loco", **kw)
-    net, opt = _train(rule, digits, 7)
-    buf = io.BytesIO()
-    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "rule": rule.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
-    assert len(saved["rule"]["tracks"]) == 3
-
-    def resume(state):
-        net2 = SpikingNetwork("64-40-30-10")
-        net2.load_state_dict(saved["net"])
-        opt2 = torch.optim.Adam(net2.parameters(), lr=1e-2)
-        opt2.load_state_dict(saved["opt"])
-        rule2 = make_rule("loco", **kw)
-        rule2.load_state_dict(state)
-        return _weights(_train(rule2, digits, 3, net=net2, opt=opt2, start=7)[0])
-
-    assert all(torch.equal(p, q) for p, q in zip(straight, resume(saved["rule"])))
-    partial = {k: v for k, v in saved["rule"].items() if k != "tracks"}
-    assert not all(torch.equal(p, q) for p, q in zip(straight, resume(partial)))
+    saved = _checkpoint_after(kw, digits, 7)
+    assert saved["rule"]["proj_step"] == 7 and len(saved["rule"]["tracks"]) == 3
+    assert all(torch.equal(p, q) for p, q in zip(straight, _resumed(saved, saved["rule"], kw, digits)))
+    partial = {k: v for k, v in saved["rule"].items() if k != "tracks"}  # negative control: without the tracks
+    assert not all(torch.equal(p, q) for p, q in zip(straight, _resumed(saved, partial, kw, digits)))
 
 
 def test_bad_track_decay_is_a_clear_error():
