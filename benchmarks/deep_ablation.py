@@ -24,7 +24,9 @@ def main() -> None:
     df = df[df["status"] == "ok"]
     final = df.sort_values("epoch").groupby("cell").tail(1)
     ref = final[(final["grid"] == "deep_d10") & (final["rule_name"] == "loco-deep")]
+    # in a fixed order (the grids' order, then the cell ids), whatever the row order of results.csv
     abl = final[final["grid"].isin(ABLATION_GRIDS)]
+    abl = abl.assign(_g=abl["grid"].map(ABLATION_GRIDS.index)).sort_values(["_g", "cell"]).drop(columns="_g")
     if not len(ref):
         raise SystemExit("error: the recipe's deep_d10 cell has not run")
     base = ref.iloc[0]
