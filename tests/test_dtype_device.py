@@ -138,6 +138,8 @@ def test_float64_matches_float32(name):
                                      ("loco", {**SMALL["loco"], "projector_every": 3}),
                                      ("loco", {**SMALL["loco"], "projector": "fast", "incremental_kmeans": True,
                                                "memory": 4}),
+                                     ("loco", {**SMALL["loco"], "projector": "tracked", "projector_every": 2,
+                                               "variant": "faithful"}),
                                      ("owm", {})])
 def test_state_follows_a_moved_network(name, kw):
     """State made in float32 (feedback matrices, heads, LOCO's memory) follows net.to(float64)."""

@@ -488,32 +488,74 @@ def test_protect_basis_is_the_reference_gram_schmidt(m):
 
 
 def test_tracked_step_is_the_np_estimate_on_the_tracked_basis(digits):
-    """One step of projector="tracked" (fused into the estimate) equals NP's update with the same seed,
-    projected by P = Q Q^T with Q the rule's own tracked basis for each layer; the basis is updated at
-    batches 0, N, 2N, ... only (the first batch starts it) and protected every batch."""
+    """One step of projector="tracked" (fused into the estimate) equals NP's update with the same seed projected
+    by P = Q Q^T, Q the rule's tracked basis made orthogonal to the protected centroids, recomputed here by the
+    reference Gram-Schmidt loop from the track and the protected set. The track is started at batch 0 and
+    updated at batches N, 2N only (and changes there); the protection acts (Q is orthogonal to the centroids
+    and spans less than the track); the tracked Q is not this batch's own basis (negative control)."""
     torch.manual_seed(0)
     net = SpikingNetwork("64-40-30-10")
-    kw = dict(rank=12, k=3, memory=40, per_batch=8, seed=7, variant="faithful")
+    kw = dict(rank=12, k=3, memory=40, per_batch=8, seed=7, variant="faithful", kmeans_every=2)
     rule = make_rule("loco", projector="tracked", projector_every=3, **kw)
     plain = make_rule("np", seed=7)
+    protected_steps, prev = 0, None
     for i, (xs, y) in enumerate(_stream(digits, 7)):
         shadow = copy.deepcopy(rule)
         upd = rule_update(rule, net, xs, y, restore=False)
         assert [t.updates for t in rule.tracks] == [1 + i // 3] * 3  # started at 0, updated at 3 and 6
+        tracks = [t.Q.clone() for t in rule.tracks]
+        if prev is not None:  # the track moves at an update and only there
+            assert all(torch.equal(a, b) for a, b in zip(prev, tracks)) == (i % 3 != 0)
+        prev = tracks
         ref = rule_update(plain, net, xs, y, restore=False)
         clean = net.run(xs, record=True)
         for li, layer in enumerate(net.layers):
             Q = shadow.tracked_basis(net, clean, li).double()  # the layers in the step's order
+            T, excluded = shadow.tracks[li].basis().double(), shadow.tracked_cache[li][1]
+            if excluded is None:
+                Q_ref = T
+            else:
+                C = orthonormal(excluded.T.double())
+                Q_ref = gram_schmidt_loop(T, C, shadow.tol)
+                assert float((C.T @ Q).abs().max()) < 1e-4
+                protected_steps += 1
+            assert torch.allclose(Q @ Q.T, Q_ref @ Q_ref.T, atol=1e-4)
+            X = shadow.layer_inputs(net, clean, li).double()
+            own = fast_loco_basis(X, shadow.rank, excluded.double() if excluded is not None else None, shadow.tol)
+            assert float((Q @ Q.T - own @ own.T).norm()) > 0.1  # not this batch's own basis
             n_out = layer.weight.shape[0]
             G_np = torch.cat([ref[li][:-n_out].reshape(n_out, -1), ref[li][-n_out:, None]], 1)
             u = torch.cat([upd[li][:-n_out].reshape(n_out, -1), upd[li][-n_out:, None]], 1)
             G = project(G_np, Q)
             assert torch.allclose(u, G, rtol=1e-3, atol=1e-4 * float(G.abs().max()))
             assert not torch.allclose(u, G_np, atol=1e-2 * float(G.abs().max()))  # the projection acts
+    assert protected_steps >= 10  # the faithful variant protects centroids from its second batch on
+
+
+@pytest.mark.parametrize("arch,kw", [("1x8x8-c6k3-10", {"max_rows": 200}), ("64-40-10", {"whiten": 0.1}),
+                                     ("64-40-10", {"online": True})])
+def test_tracked_projector_runs_with_conv_whiten_and_online(digits, arch, kw):
+    """The tracked basis on conv patches, with the whitening projector and on the online path: finite updates,
+    not NP's (the projection acts; negative control: projection=False is NP bit for bit)."""
+    torch.manual_seed(0)
+    net = SpikingNetwork(arch)
+    base = dict(rank=6, k=3, memory=40, per_batch=8, seed=7, variant="faithful", projector_every=2, **kw)
+    rule, off = make_rule("loco", projector="tracked", **base), make_rule("loco", projector="tracked",
+                                                                          projection=False, **base)
+    plain = make_rule("np", seed=7, **{k: v for k, v in kw.items() if k == "online"})
+    for xs, y in _stream(digits, 3, conv=arch.startswith("1x")):
+        u = rule_update(rule, net, xs, y, restore=False)
+        v = rule_update(off, net, xs, y, restore=False)
+        w = rule_update(plain, net, xs, y, restore=False)
+        assert all(bool(torch.isfinite(a).all()) for a in u)
+        assert all(torch.equal(a, b) for a, b in zip(v, w))
+        assert not torch.allclose(u[0], w[0], atol=1e-3 * float(w[0].abs().max()))
 
 
 def test_tracked_checkpoint_resume_is_exact(digits):
-    kw = dict(rank=8, k=3, memory=64, per_batch=8, seed=4, projector="tracked", projector_every=2, kmeans_every=3)
+    # the faithful variant protects centroids from its second batch on: the cache and the protection are resumed too
+    kw = dict(rank=8, k=3, memory=64, per_batch=8, seed=4, variant="faithful", projector="tracked", projector_every=2,
+              kmeans_every=3)
     straight = _weights(_train(make_rule("loco", **kw), digits, 10)[0])
     saved = _checkpoint_after(kw, digits, 7)
     assert saved["rule"]["proj_step"] == 7 and len(saved["rule"]["tracks"]) == 3

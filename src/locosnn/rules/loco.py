@@ -285,8 +285,12 @@ class LOCO(NodePerturbation):
         track = self.tracks[li]
         if track is None:
             track = self.tracks[li] = SubspaceTrack.start(X, self.rank, self.proj_generator)
-        elif self.proj_step % self.projector_every == 0:
-            track.update(X, self.track_decay)
+        else:
+            if track.Q.dtype != X.dtype or track.Q.device != X.device:  # the network was moved since the last batch
+                track.Q, track.lam = track.Q.to(X), track.lam.to(X)
+                self.tracked_cache[li] = None
+            if self.proj_step % self.projector_every == 0:
+                track.update(X, self.track_decay)
         cached = self.tracked_cache[li]
         if (cached is not None and cached[0] == track.updates and
                 (excluded is None if cached[1] is None else

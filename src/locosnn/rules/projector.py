@@ -598,8 +598,9 @@ class SubspaceTrack:
         self.updates += 1
 
     def basis(self, rel: float = 1e-6) -> torch.Tensor:
-        """Q without the directions whose eigenvalue is below ``rel`` of the largest (as the per-batch
-        basis drops principal directions of negligible singular value)."""
+        """Q without the directions whose eigenvalue (a second moment) is below ``rel`` of the largest, i.e.
+        whose singular value is below sqrt(rel) of the largest (1e-3 by default: the float32 noise floor of
+        a second moment; the per-batch basis cuts at 1e-6 of the singular values)."""
         lam = self.lam
         if not lam.numel() or not bool(lam[0] > 0):
             return self.Q[:, :0]
